@@ -1,0 +1,96 @@
+"""Authentication and role checks.
+
+A key comes as `X-API-Key: KEY` or `Authorization: Bearer KEY`. Missing, unknown or revoked keys
+get 401 with `WWW-Authenticate`; a valid key with too low a role gets 403. Both messages say what
+to do. The two security schemes are declared so the OpenAPI document (and Schemathesis) know
+how to authenticate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from app.config import ROLES
+from app.db import ApiKey
+from app.db.session import SessionDep
+from app.services.keys import authenticate_api_key, role_allows
+
+logger = logging.getLogger(__name__)
+
+api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="API key from `cxr keys create`."
+)
+bearer = HTTPBearer(auto_error=False, description="The same API key as a bearer token.")
+
+WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="cxr", charset="UTF-8"'}
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(
+        status_code=status.HTTP_401_UNAUTHORIZED, detail=detail, headers=WWW_AUTHENTICATE
+    )
+
+
+def get_current_key(
+    request: Request,
+    session: SessionDep,
+    header_key: Annotated[str | None, Depends(api_key_header)],
+    bearer_credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> ApiKey:
+    """The authenticated key row, or 401. Stored on `request.state.api_key` for logging."""
+    key = (header_key or "").strip() or (
+        bearer_credentials.credentials.strip() if bearer_credentials else ""
+    )
+    if not key:
+        raise _unauthorized(
+            "Missing API key: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY' "
+            "(an administrator creates keys with `cxr keys create --role reader`)."
+        )
+    row = authenticate_api_key(session=session, key=key, settings=request.app.state.settings)
+    if row is None:
+        raise _unauthorized(
+            "Invalid API key: it is unknown or was revoked. Check for copy/paste errors or ask "
+            "an administrator for a new key (`cxr keys create`)."
+        )
+    request.state.api_key = row
+    return row
+
+
+CurrentKey = Annotated[ApiKey, Depends(get_current_key)]
+
+_ROLE_DEPENDENCIES: dict[str, Callable[..., ApiKey]] = {}
+
+
+def require_role(role: str) -> Callable[..., ApiKey]:
+    """A dependency that returns the current key if its role is at least `role`, else 403.
+
+    The same function object is returned for the same role, so FastAPI resolves it once per
+    request even when a route and its router both declare it.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+    if role in _ROLE_DEPENDENCIES:
+        return _ROLE_DEPENDENCIES[role]
+
+    def dependency(key: CurrentKey) -> ApiKey:
+        if not role_allows(key.role, role):
+            logger.info(
+                "role too low",
+                extra={"key_id": key.id, "key_role": key.role, "required_role": role},
+            )
+            raise HTTPException(
+                status_code=status.HTTP_403_FORBIDDEN,
+                detail=f"This action needs the '{role}' role or higher; your key "
+                f"({key.prefix}...) has the '{key.role}' role. Ask an administrator for a "
+                f"key with the '{role}' role.",
+            )
+        return key
+
+    dependency.__name__ = f"require_{role}"
+    _ROLE_DEPENDENCIES[role] = dependency
+    return dependency

@@ -1,0 +1,451 @@
+"""`cxr bench predict`: latency and throughput of the real HTTP service under concurrent clients.
+
+What it does, so the numbers mean something:
+
+1. A temp data dir with a fresh SQLite database; a model (the given checkpoint, or a small
+   freshly initialised `resnet9_half` at 128 px) registered and activated; a few synthetic
+   references per class enrolled through the service functions (same path as the API).
+2. The real service: `uvicorn app.main:create_app --factory` in a subprocess on a free loopback
+   port, waited for until `/ready` answers 200.
+3. The *bare* cost in this process, measured on the same state: decode + preprocess + forward +
+   search of the same query image (`app.services.predict.prepare_query` + `answer_query`, the
+   functions the route runs), with the same torch thread settings as the server. Also the bare
+   cost with Grad-CAM.
+4. For each client count and explain flag: that many concurrent httpx clients post the query
+   image for `--seconds`; rows with `clients`, `explain`, `p50_ms`, `p99_ms`, `rps`, `errors`
+   (non-200 answers or transport errors), `status_5xx`, `bare_p50_ms`.
+
+The clients run in this process and share the machine's cores with the server: on a small
+machine the numbers include that contention (as would a sidecar load generator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import numpy as np
+import typer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BenchRow", "bench_predict_command", "run_predict_bench"]
+
+READY_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 120.0
+BENCH_CLASSES = ("disc", "stripes", "grid")
+
+
+@dataclass
+class BenchRow:
+    clients: int
+    explain: bool
+    p50_ms: float
+    p99_ms: float
+    rps: float
+    errors: int
+    bare_p50_ms: float
+    requests: int
+    status_5xx: int
+    bare_explain_p50_ms: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _synthetic_image(kind: str, seed: int, size: tuple[int, int] = (512, 512)) -> bytes:
+    """A PIL-drawn grayscale PNG of a synthetic class (no patient data anywhere)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img = Image.new("L", size, int(rng.integers(20, 60)))
+    draw = ImageDraw.Draw(img)
+    if kind == "disc":
+        r = min(w, h) * rng.uniform(0.22, 0.32)
+        cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=int(rng.integers(200, 256)))
+    elif kind == "stripes":
+        period = max(4, int(h / rng.uniform(7, 9)))
+        for y in range(int(rng.integers(0, period)) - period, h, period):
+            draw.rectangle((0, y, w, y + period // 2), fill=int(rng.integers(200, 250)))
+    else:
+        step = max(4, int(w / rng.uniform(5, 7)))
+        for x in range(0, w, step):
+            draw.line((x, 0, x, h), fill=230, width=3)
+        for y in range(0, h, step):
+            draw.line((0, y, w, y), fill=230, width=3)
+    arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 8, size=(h, w))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fresh_checkpoint(path: Path, *, image_size: int = 128) -> Path:
+    """A small, freshly initialised checkpoint (timings do not depend on training)."""
+    import torch
+
+    from training.checkpoint import save_checkpoint
+    from training.encoders import create_encoder
+    from training.preprocess import Preprocessing
+
+    torch.manual_seed(0)
+    encoder = create_encoder("resnet9_half", embedding_dim=128).eval()
+    return save_checkpoint(
+        path,
+        encoder=encoder,
+        encoder_name="resnet9_half",
+        encoder_kwargs={},
+        preprocessing=Preprocessing(image_size=image_size),
+        classes=list(BENCH_CLASSES),
+        config={"note": "bench: freshly initialised"},
+        metrics={},
+    )
+
+
+def _prepare_state(settings: Any, checkpoint: Path, references_per_class: int) -> dict[str, str]:
+    """Database, model, references and a reader key; returns {"reader": key}."""
+    from app.db.migrate import prepare_database
+    from app.services.keys import create_api_key
+    from app.services.models import register_model
+    from app.services.references import enroll_references
+
+    factory = prepare_database(settings)
+    try:
+        with factory() as session:
+            register_model(
+                session=session,
+                checkpoint=checkpoint,
+                settings=settings,
+                activate=True,
+                source="bench",
+            )
+            for c, kind in enumerate(BENCH_CLASSES):
+                files = [
+                    (f"{kind}-{i}.png", _synthetic_image(kind, 1000 * c + i))
+                    for i in range(references_per_class)
+                ]
+                enroll_references(
+                    session=session, files=files, label=kind, enrolled_by=None, settings=settings
+                )
+            _row, reader = create_api_key(
+                session=session, role="reader", name="bench", settings=settings
+            )
+    finally:
+        factory.kw["bind"].dispose()
+    return {"reader": reader}
+
+
+def _bare_timings(
+    settings: Any, query: bytes, *, iterations: int, inference_workers: int | None
+) -> tuple[float, float]:
+    """p50 ms of the bare in-process work without and with Grad-CAM (same state as the server)."""
+    from app.db.session import create_db_engine, create_sessionmaker
+    from app.services.predict import answer_query, prepare_query
+    from app.state import ServiceState
+
+    engine = create_db_engine(settings.database_url)
+    try:
+        state = ServiceState(
+            settings=settings,
+            sessionmaker=create_sessionmaker(engine),
+            inference_workers=inference_workers,
+        )
+        bundle = state.refresh()
+        if bundle is None or bundle.index is None:
+            raise RuntimeError(f"bench state did not load: {state.reasons()}")
+        k = settings.default_k
+
+        def once(explain: bool) -> float:
+            t0 = time.perf_counter()
+            prepared = prepare_query(query, bundle, max_pixels=settings.max_pixels)
+            _emb, result = answer_query(prepared, bundle, k=k, method="knn")
+            if explain:
+                bundle.model.explainer.explain_png(
+                    prepared.tensor, bundle.class_means[result.label], prepared.image
+                )
+            return (time.perf_counter() - t0) * 1000.0
+
+        for _ in range(3):
+            once(False)
+            once(True)
+        bare = [once(False) for _ in range(iterations)]
+        bare_explain = [once(True) for _ in range(max(5, iterations // 2))]
+    finally:
+        engine.dispose()
+    return statistics.median(bare), statistics.median(bare_explain)
+
+
+async def _drive(
+    base_url: str, key: str, query: bytes, *, clients: int, seconds: float, explain: bool
+) -> tuple[list[float], int, int, float]:
+    """`clients` concurrent loops for `seconds`; returns (latencies ms, errors, 5xx, elapsed)."""
+    latencies: list[float] = []
+    errors = 0
+    status_5xx = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    params = {"explain": "true" if explain else "false"}
+    headers = {"X-API-Key": key}
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits
+    ) as http:
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def client_loop() -> None:
+            nonlocal errors, status_5xx
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                try:
+                    response = await http.post(
+                        "/predict",
+                        params=params,
+                        headers=headers,
+                        files={"file": ("query.png", query, "image/png")},
+                    )
+                except httpx.HTTPError as exc:
+                    errors += 1
+                    logger.warning("request failed: %s", exc)
+                    continue
+                latencies.append((time.perf_counter() - t0) * 1000.0)
+                if response.status_code != 200:
+                    errors += 1
+                    if response.status_code >= 500:
+                        status_5xx += 1
+                        logger.warning("server error %s: %s", response.status_code, response.text)
+
+        await asyncio.gather(*(client_loop() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return latencies, errors, status_5xx, elapsed
+
+
+def _wait_ready(base_url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"the service exited with {proc.returncode} before it was ready; its log:\n"
+                + log_path.read_text(errors="replace")[-4000:]
+            )
+        try:
+            response = httpx.get(f"{base_url}/ready", timeout=10.0)
+            if response.status_code == 200:
+                return
+            last = response.text
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.25)
+    raise RuntimeError(f"the service was not ready after {READY_TIMEOUT_S:.0f} s: {last}")
+
+
+def run_predict_bench(
+    *,
+    clients: Sequence[int] = (1, 8, 32),
+    seconds: float = 10.0,
+    checkpoint: Path | None = None,
+    references_per_class: int = 8,
+    explain_modes: Sequence[bool] = (False, True),
+    bare_iterations: int = 30,
+    inference_workers: int | None = None,
+    work_dir: Path | None = None,
+) -> list[BenchRow]:
+    """Run the benchmark end to end (see the module docstring); returns one row per phase."""
+    from app.config import Settings
+
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-", dir=work_dir) as tmp:
+        tmp_path = Path(tmp)
+        data_dir = tmp_path / "var"
+        secret = secrets.token_urlsafe(32)
+        settings = Settings(
+            data_dir=data_dir, secret_key=secret, device="cpu", log_level="WARNING"
+        )
+        if checkpoint is None:
+            checkpoint = _fresh_checkpoint(tmp_path / "fresh.pt")
+        keys = _prepare_state(settings, checkpoint, references_per_class)
+        query = _synthetic_image("disc", seed=424242)
+        bare_ms, bare_explain_ms = _bare_timings(
+            settings, query, iterations=bare_iterations, inference_workers=inference_workers
+        )
+        logger.info("bare: %.2f ms, with Grad-CAM %.2f ms", bare_ms, bare_explain_ms)
+
+        port = _free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        env = {
+            **os.environ,
+            "CXR_DATA_DIR": str(data_dir),
+            "CXR_SECRET_KEY": secret,
+            "CXR_DEVICE": "cpu",
+            "CXR_LOG_LEVEL": "WARNING",
+            "CXR_ENVIRONMENT": "development",
+        }
+        env.pop("CXR_DATABASE_URL", None)
+        env.pop("CXR_BROKER_URL", None)
+        if inference_workers:
+            env["CXR_INFERENCE_WORKERS"] = str(inference_workers)
+        log_path = tmp_path / "server.log"
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        rows: list[BenchRow] = []
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            try:
+                _wait_ready(base_url, proc, log_path)
+                for n in clients:
+                    for explain in explain_modes:
+                        # Short warm-up so lazy work (Grad-CAM copies) is not in the timings.
+                        asyncio.run(
+                            _drive(
+                                base_url,
+                                keys["reader"],
+                                query,
+                                clients=n,
+                                seconds=min(1.0, seconds),
+                                explain=explain,
+                            )
+                        )
+                        lat, errors, s5xx, elapsed = asyncio.run(
+                            _drive(
+                                base_url,
+                                keys["reader"],
+                                query,
+                                clients=n,
+                                seconds=seconds,
+                                explain=explain,
+                            )
+                        )
+                        row = BenchRow(
+                            clients=n,
+                            explain=explain,
+                            p50_ms=round(_percentile(lat, 50), 2),
+                            p99_ms=round(_percentile(lat, 99), 2),
+                            rps=round(len(lat) / elapsed, 2) if elapsed > 0 else 0.0,
+                            errors=errors,
+                            bare_p50_ms=round(bare_ms, 2),
+                            requests=len(lat),
+                            status_5xx=s5xx,
+                            bare_explain_p50_ms=round(bare_explain_ms, 2),
+                        )
+                        logger.info("bench row: %s", row.as_dict())
+                        rows.append(row)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return rows
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    """A Markdown table of the rows (what docs/BENCHMARKS.md shows)."""
+    lines = [
+        "| clients | explain | p50_ms | p99_ms | rps | errors | 5xx | bare_p50_ms | p50/bare |",
+        "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = r.p50_ms / r.bare_p50_ms if r.bare_p50_ms else float("nan")
+        lines.append(
+            f"| {r.clients} | {str(r.explain).lower()} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
+            f"{r.rps:.1f} | {r.errors} | {r.status_5xx} | {r.bare_p50_ms:.1f} | {ratio:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _parse_clients(value: str) -> list[int]:
+    try:
+        clients = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter("--clients takes integers separated by commas, e.g. 1,8,32")
+    if not clients or any(c < 1 for c in clients):
+        raise typer.BadParameter("--clients takes positive integers, e.g. 1,8,32")
+    return clients
+
+
+def bench_predict_command(
+    clients: Annotated[
+        str, typer.Option(help="Concurrent client counts, comma-separated.")
+    ] = "1,8,32",
+    seconds: Annotated[float, typer.Option(min=0.5, help="Seconds per phase.")] = 10.0,
+    out: Annotated[Path | None, typer.Option(help="Write the rows as JSON here.")] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint to serve (default: a freshly initialised resnet9_half)."),
+    ] = None,
+    references_per_class: Annotated[
+        int, typer.Option(min=1, help="Synthetic references enrolled per class (3 classes).")
+    ] = 8,
+    explain: Annotated[
+        str, typer.Option(help="Explain modes to run: false,true | false | true.")
+    ] = "false,true",
+) -> None:
+    """Benchmark POST /predict on the real service; prints a table and writes JSON rows."""
+    client_counts = _parse_clients(clients)
+    modes = [part.strip().lower() in ("1", "true", "yes") for part in explain.split(",")]
+    if checkpoint is not None and not checkpoint.is_file():
+        typer.echo(f"error: checkpoint {checkpoint} does not exist", err=True)
+        raise typer.Exit(code=2)
+    from app.logging import configure_logging
+
+    configure_logging("INFO", json_logs=False, stream=sys.stderr)
+    rows = run_predict_bench(
+        clients=client_counts,
+        seconds=seconds,
+        checkpoint=checkpoint,
+        references_per_class=references_per_class,
+        explain_modes=modes,
+    )
+    typer.echo(format_table(rows))
+    by_mode = {(r.clients, r.explain): r for r in rows}
+    for n in client_counts:
+        plain, expl = by_mode.get((n, False)), by_mode.get((n, True))
+        if plain and expl and plain.p50_ms:
+            typer.echo(
+                f"clients={n}: p50 no-explain / bare = {plain.p50_ms / plain.bare_p50_ms:.2f}, "
+                f"explain / no-explain = {expl.p50_ms / plain.p50_ms:.2f}"
+            )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
+        typer.echo(f"wrote {out}", err=True)

@@ -1,0 +1,225 @@
+"""Service commands of `cxr`: serve, keys, references, and (when present) models, bench
+predict and worker. `app/cli.py` calls `register(cli, bench)`.
+
+Output discipline: a command's *result* goes to stdout (the key of `keys create`, alone, so
+`KEY=$(cxr keys create --role reader)` works); logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from app.config import InsecureSettingsError, Settings, get_settings
+from app.logging import configure_logging
+
+logger = logging.getLogger(__name__)
+
+
+class RoleChoice(enum.StrEnum):
+    reader = "reader"
+    clinician = "clinician"
+    admin = "admin"
+
+
+def _settings() -> Settings:
+    """Settings from the environment, with insecure production settings as a clean exit."""
+    try:
+        settings = get_settings()
+    except InsecureSettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    configure_logging(settings.log_level, json_logs=False, stream=sys.stderr)
+    return settings
+
+
+def _with_session(settings: Settings, fn: Callable[[Any], Any]) -> Any:
+    from app.db.migrate import prepare_database
+
+    factory = prepare_database(settings)
+    try:
+        with factory() as session:
+            return fn(session)
+    finally:
+        factory.kw["bind"].dispose()
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+def serve_command(
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 in containers).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Worker processes (>1: uvicorn multi-process mode).")
+    ] = 1,
+) -> None:
+    """Run the HTTP service (SQLite and files under ./var unless configured otherwise)."""
+    import uvicorn
+
+    from app.db.migrate import upgrade_to_head
+
+    settings = _settings()
+    # Migrate once here so N workers do not all queue on the migration lock at startup.
+    if settings.auto_migrate:
+        upgrade_to_head(settings.database_url)
+    logger.info("serving on http://%s:%d with %d worker(s)", host, port, workers)
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,  # our JSON logging (configured in the app's lifespan) handles it
+        access_log=False,  # the request-id middleware writes one access line per request
+        timeout_graceful_shutdown=30,
+    )
+
+
+# -- keys -----------------------------------------------------------------------------------
+
+keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
+
+
+@keys_app.command("create")
+def keys_create_command(
+    role: Annotated[RoleChoice, typer.Option(help="reader < clinician < admin.")],
+    name: Annotated[str | None, typer.Option(help="Who or what uses the key.")] = None,
+) -> None:
+    """Create an API key and print it once, alone on stdout (only its hash is stored)."""
+    from app.services.keys import create_api_key
+
+    settings = _settings()
+    _row, plaintext = _with_session(
+        settings,
+        lambda s: create_api_key(session=s, role=role.value, name=name, settings=settings),
+    )
+    typer.echo(plaintext)
+
+
+@keys_app.command("list")
+def keys_list_command() -> None:
+    """List keys (id, role, prefix, dates); never the keys themselves."""
+    from app.services.keys import list_api_keys
+
+    settings = _settings()
+
+    def rows(session: Any) -> list[str]:
+        lines = ["id\trole\tprefix\tname\tcreated_at\tlast_used_at\trevoked_at"]
+        for k in list_api_keys(session=session):
+            lines.append(
+                f"{k.id}\t{k.role}\t{k.prefix}\t{k.name}\t{k.created_at:%Y-%m-%d %H:%M}\t"
+                f"{k.last_used_at or '-'}\t{k.revoked_at or '-'}"
+            )
+        return lines
+
+    for line in _with_session(settings, rows):
+        typer.echo(line)
+
+
+@keys_app.command("revoke")
+def keys_revoke_command(
+    key_id: Annotated[int, typer.Argument(help="Id from `keys list`.")],
+) -> None:
+    """Revoke a key: it gets 401 from its next request on."""
+    from app.services.keys import revoke_api_key
+
+    settings = _settings()
+    try:
+        _with_session(settings, lambda s: revoke_api_key(session=s, key_id=key_id))
+    except LookupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    typer.echo(f"revoked key {key_id}", err=True)
+
+
+# -- references -----------------------------------------------------------------------------
+
+references_app = typer.Typer(help="Reference images.", no_args_is_help=True)
+
+
+@references_app.command("import")
+def references_import_command(
+    src: Annotated[
+        Path, typer.Argument(help="Image folder, CSV manifest, CoronaHack or COVID collection.")
+    ],
+) -> None:
+    """Enroll every labeled image of SRC; unreadable files are skipped and counted."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from app.services.references import import_references
+
+    settings = _settings()
+    if not src.exists():
+        typer.echo(f"error: {src} does not exist", err=True)
+        raise typer.Exit(code=2)
+    console = Console(stderr=True)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("enrolling", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        try:
+            result = _with_session(
+                settings,
+                lambda s: import_references(
+                    session=s, source=src, settings=settings, progress=report
+                ),
+            )
+        except (FileNotFoundError, ValueError) as exc:  # DataSourceError is a ValueError
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from exc
+    typer.echo(
+        f"enrolled {result.enrolled}, duplicates {result.duplicates}, "
+        f"skipped {result.skipped} unreadable or invalid, of {result.total} files"
+    )
+
+
+# -- registration ---------------------------------------------------------------------------
+
+
+def _optional(module: str, *names: str) -> tuple[Any, ...] | None:
+    """Import `names` from `module` if that module exists in this build (others write them)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module.startswith(exc.name):
+            raise
+        return None
+    return tuple(getattr(mod, name) for name in names)
+
+
+def register(cli: typer.Typer, bench: typer.Typer) -> None:
+    """Attach the service commands to the `cxr` app and its `bench` group."""
+    cli.command("serve")(serve_command)
+    cli.add_typer(keys_app, name="keys")
+    cli.add_typer(references_app, name="references")
+    model_commands = _optional("app.model_commands", "models_add_command", "bench_predict_command")
+    if model_commands is not None:
+        models_add_command, bench_predict_command = model_commands
+        models_app = typer.Typer(help="Model versions.", no_args_is_help=True)
+        models_app.command("add")(models_add_command)
+        cli.add_typer(models_app, name="models")
+        bench.command("predict")(bench_predict_command)
+    worker = _optional("app.jobs.worker", "worker_command")
+    if worker is not None:
+        cli.command("worker")(worker[0])

@@ -1,0 +1,132 @@
+"""Service settings: one pydantic-settings `Settings`, read from `CXR_*` environment variables.
+
+Every entry point (the HTTP app, each `cxr` command, workers, tests) builds its settings through
+`get_settings()` or passes a `Settings` explicitly, so they all honour the same variables.
+`get_settings()` is deliberately *not* cached: tests and CLI runs change the environment between
+calls and must see the change; building a `Settings` is cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The secret used when none is configured. Fine for a laptop, refused in production: API key
+#: hashes are HMACs keyed with it, so a known secret would make a stolen database brute-forceable.
+DEFAULT_SECRET_KEY = "cxr-development-secret-change-me"
+
+Role = Literal["reader", "clinician", "admin"]
+ROLES: tuple[Role, ...] = ("reader", "clinician", "admin")
+
+
+class InsecureSettingsError(RuntimeError):
+    """Raised when production mode is configured with a default or empty secret."""
+
+
+class Settings(BaseSettings):
+    """All service settings. Environment variables use the `CXR_` prefix (`CXR_DATA_DIR`, ...)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CXR_", env_file=None, extra="ignore", validate_default=True
+    )
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Field(
+        default=Path("var"), description="Images, checkpoints, the SQLite DB and the index."
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL; empty means SQLite at {data_dir}/cxr.db (embedded default).",
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker (e.g. redis://...); unset = in-process jobs."
+    )
+    secret_key: SecretStr = Field(
+        default=SecretStr(DEFAULT_SECRET_KEY),
+        description="HMAC pepper for API key hashes. Must be set (non-default) in production.",
+    )
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    max_upload_mb: float = Field(default=20.0, gt=0, description="Per-file upload limit (MB).")
+    max_request_mb: float = Field(
+        default=200.0, gt=0, description="Whole request body limit (MB), multipart included."
+    )
+    max_files_per_request: int = Field(default=64, ge=1)
+    max_pixels: int = Field(default=50_000_000, ge=1, description="Decoded width x height limit.")
+    store_prediction_images: bool = Field(
+        default=False, description="Keep uploaded prediction images (audit). Off: no PHI at rest."
+    )
+    default_k: int = Field(default=5, ge=1, le=100)
+    unknown_quantile: float = Field(default=0.95, gt=0, le=1)
+    index_factory: str = Field(default="auto", description="FAISS index factory for the index.")
+    log_level: str = Field(default="INFO")
+    log_json: bool = Field(default=True, description="JSON log lines (False: human-readable).")
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    auto_migrate: bool = Field(
+        default=True,
+        description="Bring the schema to head at startup and in every CLI command (idempotent).",
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        # Absolute, so a later chdir (uvicorn workers, tests) cannot move the data.
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'cxr.db'}"
+        if self.environment == "production":
+            self.check_production()
+        return self
+
+    def check_production(self) -> None:
+        """Refuse insecure production configurations with a message saying what to set."""
+        secret = self.secret_key.get_secret_value().strip()
+        if not secret or secret == DEFAULT_SECRET_KEY:
+            raise InsecureSettingsError(
+                "CXR_ENVIRONMENT=production refuses to start with a default or empty secret: "
+                "set CXR_SECRET_KEY to a long random value (e.g. `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(48))'`). Existing API keys are bound to the secret."
+            )
+
+    # -- derived values ------------------------------------------------------------------------
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return max(int(self.max_request_mb * 1024 * 1024), self.max_upload_bytes + 64 * 1024)
+
+    @property
+    def references_dir(self) -> Path:
+        return self.data_dir / "references"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def predictions_dir(self) -> Path:
+        return self.data_dir / "predictions"
+
+    @property
+    def secret_bytes(self) -> bytes:
+        return self.secret_key.get_secret_value().encode("utf-8")
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Settings from the environment (plus explicit overrides); a fresh object on every call."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,151 @@
+"""`POST /references` (clinician), `GET /references` (reader), `DELETE /references/{id}` (admin).
+
+Enrollment answers 201 even when every file was a duplicate (the spec fixes 201 for the
+endpoint); `duplicate: true` on an item says it was already enrolled and nothing was stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
+
+from app.db.session import SessionDep
+from app.deps import AdminKey, ClinicianKey, ReaderKey, SettingsDep
+from app.schemas import (
+    ErrorPublic,
+    ReferenceEnrolledPublic,
+    ReferencePublic,
+    ReferencesEnrolledPublic,
+    ReferencesPublic,
+)
+from app.services.references import (
+    ReferenceNotFoundError,
+    delete_reference,
+    enroll_references,
+    list_references,
+)
+from training.imaging import ImageTooLargeError
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/references", tags=["references"])
+
+AUTH_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorPublic, "description": "Missing, unknown or revoked API key"},
+    403: {"model": ErrorPublic, "description": "The key's role is too low"},
+}
+UPLOAD_ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorPublic, "description": "Unreadable or corrupt image"},
+    413: {"model": ErrorPublic, "description": "Over the byte or pixel limit"},
+    415: {"model": ErrorPublic, "description": "Not PNG, JPEG or DICOM"},
+    422: {"model": ErrorPublic, "description": "Missing or invalid field"},
+}
+CHUNK = 1024 * 1024
+
+
+def read_upload(upload: UploadFile, *, limit: int) -> bytes:
+    """Read an upload chunk by chunk, refusing (413) as soon as it exceeds `limit` bytes."""
+    upload.file.seek(0)
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := upload.file.read(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise ImageTooLargeError(
+                f"A file is over the upload limit of {limit} bytes; compress or downscale it."
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def notify_references_changed(request: Request, session: SessionDep) -> None:
+    """Let this process's prediction service pick up the change now (others poll
+    `index_version`). Failures are logged, not raised: the change is committed and the next
+    prediction refreshes anyway."""
+    service = getattr(request.app.state, "service", None)
+    hook = getattr(service, "on_references_changed", None)
+    if hook is None:
+        return
+    try:
+        hook(session)
+    except Exception:
+        logger.exception("on_references_changed failed; the next prediction will refresh")
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ReferencesEnrolledPublic,
+    responses={**AUTH_ERRORS, **UPLOAD_ERRORS},
+    summary="Enroll one or more reference images under a class label",
+)
+def create_references(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: ClinicianKey,
+    file: Annotated[list[UploadFile], File(description="One or more PNG, JPEG or DICOM images")],
+    label: Annotated[str, Form(description="Class label (new labels create a new class)")],
+) -> ReferencesEnrolledPublic:
+    if len(file) > settings.max_files_per_request:
+        raise HTTPException(
+            status_code=413,
+            detail=f"{len(file)} files in one request; send at most "
+            f"{settings.max_files_per_request} per request",
+        )
+    files = [
+        (upload.filename or "", read_upload(upload, limit=settings.max_upload_bytes))
+        for upload in file
+    ]
+    enrolled = enroll_references(
+        session=session, files=files, label=label, enrolled_by=key.id, settings=settings
+    )
+    if any(not item.duplicate for item in enrolled):
+        notify_references_changed(request, session)
+    return ReferencesEnrolledPublic(
+        references=[ReferenceEnrolledPublic.model_validate(item) for item in enrolled]
+    )
+
+
+@router.get(
+    "",
+    response_model=ReferencesPublic,
+    responses=AUTH_ERRORS,
+    summary="List enrolled references (newest first)",
+)
+def read_references(
+    session: SessionDep,
+    _key: ReaderKey,
+    label: Annotated[str | None, Query(max_length=64, description="Only this class")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ReferencesPublic:
+    rows, count = list_references(session=session, label=label, limit=limit, offset=offset)
+    return ReferencesPublic(data=[ReferencePublic.model_validate(r) for r in rows], count=count)
+
+
+@router.delete(
+    "/{reference_id}",
+    status_code=204,
+    response_class=Response,
+    responses={**AUTH_ERRORS, 404: {"model": ErrorPublic, "description": "Unknown reference"}},
+    summary="Delete a reference (its embeddings go with it)",
+)
+def remove_reference(
+    request: Request,
+    reference_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    _key: AdminKey,
+) -> Response:
+    try:
+        delete_reference(session=session, reference_id=reference_id, settings=settings)
+    except ReferenceNotFoundError as exc:
+        raise HTTPException(
+            status_code=404,
+            detail=f"{exc.args[0]}; list references with GET /references",
+        ) from exc
+    notify_references_changed(request, session)
+    return Response(status_code=204)

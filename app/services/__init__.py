@@ -1,0 +1,1 @@
+"""Keyword-only service functions shared by routes, the CLI, workers and tests."""

@@ -1,0 +1,231 @@
+"""Predict the class of one chest X-ray against the enrolled references.
+
+The pipeline is the one training and evaluation use, step for step: `training.imaging.decode_image`
+(pixel limit checked from the header before decoding), `training.preprocess.preprocess` with the
+checkpoint's own `Preprocessing`, the encoder, then `ReferenceIndex.search`. Nothing here
+re-implements a pixel operation, so the service sees exactly the inputs the model was trained on.
+
+`predict()` is synchronous CPU work (decode, forward, optional Grad-CAM); the HTTP route runs it
+in a worker thread under a bounded limiter, never on the event loop. It takes the bundle once
+(`ServiceState.current`) and uses only that object, so a concurrent model or reference swap can
+never mix two states in one answer.
+
+The audit row (`predictions`) records who asked (API key id), the model and index versions, the
+method and the answer. The Grad-CAM overlay itself is not copied into the audit row (it is an
+image derived from the upload; only its label is kept). The upload is stored only when
+`store_prediction_images` is on, and DICOM is de-identified before it touches the disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import Prediction, new_id, utcnow
+from app.schemas_predict import GradcamPublic, NeighborPublic, PredictionPublic
+from app.state import NO_MODEL_REASON, NO_REFERENCES_REASON, ModelBundle, ServiceState
+from index.reference_index import METHODS, IndexResult
+from training.imaging import (
+    CorruptImageError,
+    ImageFormat,
+    decode_image,
+    deidentify_dicom,
+    sniff_format,
+)
+from training.preprocess import preprocess
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PredictionUnavailableError",
+    "PreparedQuery",
+    "answer_query",
+    "predict",
+    "prepare_query",
+]
+
+_EXTENSIONS = {ImageFormat.PNG: "png", ImageFormat.JPEG: "jpg", ImageFormat.DICOM: "dcm"}
+MAX_K = 50
+
+
+class PredictionUnavailableError(RuntimeError):
+    """No active model or no references: the service cannot answer yet (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    """A decoded upload and its model input, computed once and shared by search and Grad-CAM."""
+
+    image: np.ndarray  # (H, W) float32 in [0, 1]: the overlay is drawn on it
+    tensor: torch.Tensor  # (1, 1, S, S), a normal (non-inference) tensor
+
+
+def require_bundle(service: ServiceState, session: Session) -> ModelBundle:
+    """The bundle to answer with, or `PredictionUnavailableError` saying what to do."""
+    bundle = service.current(session)
+    if bundle is None:
+        reasons = service.reasons()
+        raise PredictionUnavailableError(reasons[0] if reasons else NO_MODEL_REASON)
+    if bundle.index is None:
+        raise PredictionUnavailableError(NO_REFERENCES_REASON)
+    return bundle
+
+
+def prepare_query(data: bytes, bundle: ModelBundle, *, max_pixels: int | None) -> PreparedQuery:
+    """Decode (with the pixel limit) and preprocess exactly as in training.
+
+    Raises the `training.imaging` errors: CorruptImageError (400), UnsupportedImageError (415),
+    ImageTooLargeError (413).
+    """
+    if not data:
+        raise CorruptImageError(
+            "The uploaded file is empty; send a PNG, JPEG or DICOM image as multipart 'file'."
+        )
+    image = decode_image(data, max_pixels=max_pixels)
+    # Built outside inference_mode so Grad-CAM can reuse it with autograd.
+    tensor = preprocess(image, bundle.preprocessing).unsqueeze(0)
+    return PreparedQuery(image=image, tensor=tensor)
+
+
+def answer_query(
+    query: PreparedQuery, bundle: ModelBundle, *, k: int, method: str
+) -> tuple[np.ndarray, IndexResult]:
+    """Embed the query and search the bundle's index: the bare inference cost."""
+    if bundle.index is None:
+        raise PredictionUnavailableError(NO_REFERENCES_REASON)
+    embedding = bundle.embed(query.tensor)
+    result = bundle.index.search(embedding, k=k, method=method)[0]
+    return embedding, result
+
+
+def _store_upload(data: bytes, prediction_id: str, settings: Settings) -> str:
+    """Write the upload (DICOM de-identified first) under `predictions/`; path relative to
+    data_dir. Temp file + rename, so a crash never leaves a partial image under a real name."""
+    fmt = sniff_format(data)
+    if fmt is ImageFormat.DICOM:
+        data = deidentify_dicom(data)
+    ext = _EXTENSIONS.get(fmt, "bin") if fmt is not None else "bin"
+    rel = Path("predictions") / prediction_id[:2] / f"{prediction_id}.{ext}"
+    target = settings.data_dir / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return rel.as_posix()
+
+
+def _audit_answer(answer: PredictionPublic) -> dict[str, Any]:
+    """The answer as stored in the audit log: everything but the overlay image bytes."""
+    data = answer.model_dump(mode="json")
+    if data.get("gradcam"):
+        data["gradcam"] = {"label": data["gradcam"]["label"], "overlay_png": None}
+    return data
+
+
+def predict(
+    *,
+    service: ServiceState,
+    session: Session,
+    data: bytes,
+    settings: Settings,
+    api_key_id: int | None = None,
+    explain: bool = True,
+    k: int | None = None,
+    method: str = "knn",
+) -> PredictionPublic:
+    """Answer one image: label, distances, neighbours, unknown flag, optional Grad-CAM.
+
+    Writes and commits the audit row. Raises `PredictionUnavailableError` (503), the
+    `training.imaging` errors (400/413/415) and `ValueError` for a bad `k` or `method`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    k = settings.default_k if k is None else int(k)
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be between 1 and {MAX_K}; got {k}")
+    started = time.perf_counter()
+    bundle = require_bundle(service, session)
+    query = prepare_query(data, bundle, max_pixels=settings.max_pixels)
+    _embedding, result = answer_query(query, bundle, k=k, method=method)
+    inferred = time.perf_counter()
+
+    gradcam = None
+    if explain:
+        mean = bundle.class_means.get(result.label)
+        if mean is not None:
+            overlay = bundle.model.explainer.explain_png(query.tensor, mean, query.image)
+            gradcam = GradcamPublic(label=result.label, overlay_png=overlay)
+    explained = time.perf_counter()
+
+    prediction_id = new_id()
+    answer = PredictionPublic(
+        id=prediction_id,
+        label=result.label,
+        unknown=bool(result.unknown),
+        confidence=float(np.clip(result.confidence, 0.0, 1.0)),
+        distances={label: float(d) for label, d in result.distances.items()},
+        neighbors=[
+            NeighborPublic(
+                reference_id=n.reference_id,
+                label=n.label,
+                distance=float(np.clip(n.distance, 0.0, 2.0)),
+            )
+            for n in result.neighbors
+        ],
+        outlier_score=float(result.outlier_score),
+        outlier_threshold=float(result.outlier_threshold),
+        gradcam=gradcam,
+        model_version=bundle.model_version,
+        index_version=bundle.index_version,
+    )
+    image_path = (
+        _store_upload(data, prediction_id, settings) if settings.store_prediction_images else None
+    )
+    session.add(
+        Prediction(
+            id=prediction_id,
+            created_at=utcnow(),
+            api_key_id=api_key_id,
+            model_version=bundle.model_version,
+            index_version=bundle.index_version,
+            method=method,
+            label=answer.label,
+            unknown=answer.unknown,
+            confidence=answer.confidence,
+            answer=_audit_answer(answer),
+            image_path=image_path,
+        )
+    )
+    session.commit()
+    logger.info(
+        "prediction",
+        extra={
+            "prediction_id": prediction_id,
+            "label": answer.label,
+            "unknown": answer.unknown,
+            "model_version": bundle.model_version,
+            "index_version": bundle.index_version,
+            "method": method,
+            "k": k,
+            "explain": explain,
+            "infer_ms": round((inferred - started) * 1000, 2),
+            "gradcam_ms": round((explained - inferred) * 1000, 2),
+            "total_ms": round((time.perf_counter() - started) * 1000, 2),
+        },
+    )
+    return answer

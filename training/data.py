@@ -1,0 +1,761 @@
+"""Data sources, splits and the training data set.
+
+``load_source`` understands the four sources of the product contract and returns a flat list
+of :class:`Sample`; ``split_samples`` turns it into train/val/test (keeping given splits,
+otherwise stratified by label and grouped by patient so no patient leaks across splits);
+``XrayDataset`` decodes through :mod:`training.imaging` and :mod:`training.preprocess` (the
+same code the service uses), skipping unreadable files with one warning; ``balanced_sampler``
+builds batches that contain every class, because COVID-19 is about 2% of the images.
+
+Accepted sources (``src`` may be the folder or the CSV file itself):
+
+1. an image folder: ``CLASS/*.png`` or ``SPLIT/CLASS/*`` (``SPLIT`` in train/val/test;
+   ``validation``/``valid`` mean val);
+2. a CSV manifest ``path,label[,split][,patient_id]``, paths relative to the CSV's folder;
+3. the CoronaHack folder with ``Chest_xray_Corona_Metadata.csv``;
+4. the COVID-19 image data collection (``metadata.csv`` with ``finding``, ``view``,
+   ``modality``, ``filename``, ``patientid``; images under ``images/``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from training.imaging import decode_image
+from training.preprocess import Preprocessing, preprocess, train_augmentation
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ACCEPTED_SOURCES",
+    "IMAGE_EXTENSIONS",
+    "SPLITS",
+    "DataSourceError",
+    "Sample",
+    "XrayDataset",
+    "balanced_sampler",
+    "class_counts",
+    "class_names",
+    "load_source",
+    "split_samples",
+    "summarise",
+]
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
+CORONAHACK_CSV = "Chest_xray_Corona_Metadata.csv"
+COVID_COLLECTION_CSV = "metadata.csv"
+
+ACCEPTED_SOURCES = """\
+accepted data sources:
+  1. an image folder: CLASS/*.png|jpg|dcm, or SPLIT/CLASS/* with SPLIT in train, val, test
+  2. a CSV manifest with columns path,label[,split][,patient_id] (paths relative to the CSV)
+  3. the CoronaHack folder containing Chest_xray_Corona_Metadata.csv
+  4. the COVID-19 image data collection folder containing metadata.csv (finding, view,
+     modality, filename, patientid) and its images/ folder"""
+
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
+_MAX_NAMED = 10
+
+
+class DataSourceError(ValueError):
+    """A data source cannot be understood; the message lists what is accepted."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image on disk. ``split`` is None until :func:`split_samples` assigns it."""
+
+    path: Path
+    label: str
+    split: str | None = None
+    patient_id: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _normalise_split(value: str | None, *, where: str) -> str | None:
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if not text:
+        return None
+    try:
+        return _SPLIT_ALIASES[text]
+    except KeyError:
+        raise DataSourceError(
+            f"{where}: unknown split {value!r}; use one of train, val (validation), test, "
+            "or leave it empty to let the split be computed"
+        ) from None
+
+
+def _name_some(items: Sequence[Any], limit: int = _MAX_NAMED) -> str:
+    names = ", ".join(str(x) for x in items[:limit])
+    if len(items) > limit:
+        names += f", ... ({len(items) - limit} more)"
+    return names
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith((".", "__"))
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden(path.name)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, hidden entries skipped), sorted."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
+        found.extend(Path(root) / f for f in files if _is_image_file(Path(f)))
+    return sorted(found)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header (stripped) and rows of a CSV file, tolerant of a UTF-8 BOM."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = []
+            for raw in reader:
+                rows.append({(k or "").strip(): (v or "").strip() for k, v in raw.items() if k})
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataSourceError(f"cannot read CSV {path}: {exc}") from exc
+    return header, rows
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            first = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    return [h.strip() for h in first]
+
+
+def _lower_set(header: Iterable[str]) -> set[str]:
+    return {h.lower() for h in header}
+
+
+def _is_coronahack_header(header: Iterable[str]) -> bool:
+    return {"x_ray_image_name", "label", "dataset_type"} <= _lower_set(header)
+
+
+def _is_covid_collection_header(header: Iterable[str]) -> bool:
+    return {"finding", "filename", "patientid"} <= _lower_set(header)
+
+
+def _is_manifest_header(header: Iterable[str]) -> bool:
+    return {"path", "label"} <= _lower_set(header)
+
+
+def _drop_missing(samples: list[Sample], source: Path) -> list[Sample]:
+    """Drop samples whose file does not exist, naming them in one warning."""
+    kept = [s for s in samples if s.path.is_file()]
+    missing = [s.path for s in samples if not s.path.is_file()]
+    if missing:
+        logger.warning(
+            "%s: %d of %d listed images do not exist and are skipped: %s",
+            source,
+            len(missing),
+            len(samples),
+            _name_some(missing),
+        )
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# Importers
+# --------------------------------------------------------------------------------------------
+
+
+def _load_image_folder(root: Path) -> list[Sample]:
+    children = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    split_dirs = [p for p in children if p.name.lower() in _SPLIT_ALIASES]
+    samples: list[Sample] = []
+    if split_dirs:
+        ignored = [p.name for p in children if p not in split_dirs]
+        if ignored:
+            logger.warning("%s: split folders found; ignoring non-split folders %s", root, ignored)
+        for split_dir in split_dirs:
+            split = _SPLIT_ALIASES[split_dir.name.lower()]
+            for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+                if _is_hidden(class_dir.name):
+                    continue
+                samples.extend(
+                    Sample(path=f, label=class_dir.name, split=split)
+                    for f in _images_under(class_dir)
+                )
+    else:
+        for class_dir in children:
+            samples.extend(Sample(path=f, label=class_dir.name) for f in _images_under(class_dir))
+    return samples
+
+
+def _load_manifest(csv_path: Path) -> list[Sample]:
+    header, rows = _read_csv(csv_path)
+    columns = {h.lower(): h for h in header}
+    if not _is_manifest_header(header):
+        raise DataSourceError(
+            f"{csv_path}: a manifest needs columns path,label[,split][,patient_id]; "
+            f"found {header}\n{ACCEPTED_SOURCES}"
+        )
+    path_col, label_col = columns["path"], columns["label"]
+    split_col = columns.get("split")
+    patient_col = columns.get("patient_id") or columns.get("patientid")
+    base = csv_path.parent
+    samples: list[Sample] = []
+    unlabeled = 0
+    for line, row in enumerate(rows, start=2):
+        rel, label = row.get(path_col, ""), row.get(label_col, "")
+        if not rel or not label:
+            unlabeled += 1
+            continue
+        path = Path(rel).expanduser()
+        if not path.is_absolute():
+            path = base / path
+        split = (
+            _normalise_split(row.get(split_col), where=f"{csv_path}:{line}") if split_col else None
+        )
+        patient = (row.get(patient_col) or None) if patient_col else None
+        samples.append(Sample(path=path, label=label, split=split, patient_id=patient))
+    if unlabeled:
+        logger.warning("%s: %d rows without path or label were skipped", csv_path, unlabeled)
+    return _drop_missing(samples, csv_path)
+
+
+def _index_files(root: Path, max_depth: int = 5) -> dict[str, list[Path]]:
+    """Map lower-case file name -> paths under ``root`` (bounded depth, hidden skipped)."""
+    index: dict[str, list[Path]] = defaultdict(list)
+    root_depth = len(root.parts)
+    for dirpath, dirs, files in os.walk(root):
+        depth = len(Path(dirpath).parts) - root_depth
+        dirs[:] = [] if depth >= max_depth else [d for d in dirs if not _is_hidden(d)]
+        for name in files:
+            if _is_image_file(Path(name)):
+                index[name.lower()].append(Path(dirpath) / name)
+    return index
+
+
+def _coronahack_label(row: Mapping[str, str]) -> str | None:
+    """Contract: Normal; COVID-19 (Label_2); Bacterial (Label_1 bacteria); Viral (Label_1 Virus)."""
+    label = row.get("label", "").strip().lower()
+    label1 = row.get("label_1_virus_category", "").strip().lower()
+    label2 = row.get("label_2_virus_category", "").strip().lower()
+    if label == "normal":
+        return "Normal"
+    if label2 == "covid-19":
+        return "COVID-19"
+    if label1 == "bacteria":
+        return "Bacterial"
+    if label1 == "virus":
+        return "Viral"
+    return None
+
+
+def _load_coronahack(csv_path: Path) -> list[Sample]:
+    """CoronaHack metadata; images are found by name under the CSV's folder.
+
+    The Kaggle download nests them as
+    ``Coronahack-Chest-XRay-Dataset/Coronahack-Chest-XRay-Dataset/{train,test}/``, but copies
+    are often flattened, so we index file names under the CSV's folder and prefer the copy
+    whose parent folder matches ``Dataset_type``.
+    """
+    _, raw_rows = _read_csv(csv_path)
+    rows = [{k.lower(): v for k, v in r.items()} for r in raw_rows]
+    index = _index_files(csv_path.parent)
+    samples: list[Sample] = []
+    unmapped: Counter[str] = Counter()
+    not_found: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        name = row.get("x_ray_image_name", "")
+        if not name:
+            continue
+        label = _coronahack_label(row)
+        if label is None:
+            key = "/".join(
+                v
+                for v in (
+                    row.get("label", ""),
+                    row.get("label_1_virus_category", ""),
+                    row.get("label_2_virus_category", ""),
+                )
+                if v
+            )
+            unmapped[key] += 1
+            continue
+        split = _normalise_split(row.get("dataset_type"), where=f"{csv_path}:{line}")
+        candidates = index.get(name.lower(), [])
+        if split is not None:
+            preferred = [
+                p for p in candidates if _SPLIT_ALIASES.get(p.parent.name.lower()) == split
+            ]
+            candidates = preferred or candidates
+        if not candidates:
+            not_found.append(name)
+            continue
+        samples.append(Sample(path=candidates[0], label=label, split=split))
+    if unmapped:
+        logger.info(
+            "%s: %d rows outside the four classes were skipped: %s",
+            csv_path,
+            sum(unmapped.values()),
+            dict(unmapped),
+        )
+    if not_found:
+        logger.warning(
+            "%s: %d images listed in the metadata were not found under %s and are skipped: %s",
+            csv_path,
+            len(not_found),
+            csv_path.parent,
+            _name_some(not_found),
+        )
+    return samples
+
+
+_FRONTAL_VIEWS = frozenset({"pa", "ap", "ap supine", "ap semi erect", "ap erect"})
+
+
+def _covid_collection_label(finding: str) -> str | None:
+    """Map a ``finding`` such as ``Pneumonia/Viral/COVID-19`` to one of the four classes."""
+    text = finding.strip()
+    if text.lower() == "no finding":
+        return "Normal"
+    parts = {p.strip().lower() for chunk in text.split("/") for p in chunk.split(",")}
+    if "covid-19" in parts or "covid19" in parts:
+        return "COVID-19"
+    if "bacterial" in parts:
+        return "Bacterial"
+    if "viral" in parts:
+        return "Viral"
+    return None
+
+
+def _load_covid_collection(csv_path: Path) -> list[Sample]:
+    """Cohen et al.'s collection: frontal X-rays only; patient ids kept for grouped splits."""
+    _, raw_rows = _read_csv(csv_path)
+    rows = [{k.lower(): v for k, v in r.items()} for r in raw_rows]
+    base = csv_path.parent
+    samples: list[Sample] = []
+    dropped: Counter[str] = Counter()
+    unmapped: Counter[str] = Counter()
+    for row in rows:
+        filename = row.get("filename", "")
+        if not filename:
+            dropped["no filename"] += 1
+            continue
+        modality = row.get("modality", "").strip().lower().replace(" ", "")
+        if modality and modality not in ("x-ray", "xray", "cr", "dx"):
+            dropped[f"modality {row.get('modality')}"] += 1
+            continue
+        view = " ".join(row.get("view", "").lower().replace("_", " ").split())
+        if view not in _FRONTAL_VIEWS:
+            dropped[f"view {row.get('view') or '(none)'}"] += 1
+            continue
+        label = _covid_collection_label(row.get("finding", ""))
+        if label is None:
+            unmapped[row.get("finding") or "(none)"] += 1
+            continue
+        folder = row.get("folder") or "images"
+        samples.append(
+            Sample(
+                path=base / folder / filename,
+                label=label,
+                split=None,
+                patient_id=row.get("patientid") or None,
+            )
+        )
+    if dropped:
+        logger.info("%s: dropped non-frontal or non-X-ray rows: %s", csv_path, dict(dropped))
+    if unmapped:
+        logger.info(
+            "%s: %d rows with findings outside the four classes were skipped: %s",
+            csv_path,
+            sum(unmapped.values()),
+            dict(unmapped),
+        )
+    return _drop_missing(samples, csv_path)
+
+
+def _load_csv(csv_path: Path) -> list[Sample]:
+    header = _csv_header(csv_path)
+    if _is_coronahack_header(header):
+        return _load_coronahack(csv_path)
+    if _is_covid_collection_header(header):
+        return _load_covid_collection(csv_path)
+    if _is_manifest_header(header):
+        return _load_manifest(csv_path)
+    raise DataSourceError(f"{csv_path}: unrecognised CSV columns {header}\n{ACCEPTED_SOURCES}")
+
+
+def _find_coronahack_csv(root: Path, max_depth: int = 2) -> Path | None:
+    direct = root / CORONAHACK_CSV
+    if direct.is_file():
+        return direct
+    for dirpath, dirs, files in os.walk(root):
+        depth = len(Path(dirpath).parts) - len(root.parts)
+        if CORONAHACK_CSV in files:
+            return Path(dirpath) / CORONAHACK_CSV
+        dirs[:] = [] if depth >= max_depth else sorted(d for d in dirs if not _is_hidden(d))
+    return None
+
+
+def _detect_directory(root: Path) -> tuple[str, Path]:
+    """Which importer handles ``root``: returns (kind, path to hand to it)."""
+    coronahack = _find_coronahack_csv(root)
+    if coronahack is not None:
+        return "coronahack", coronahack
+    metadata = root / COVID_COLLECTION_CSV
+    if metadata.is_file() and _is_covid_collection_header(_csv_header(metadata)):
+        return "covid-collection", metadata
+    # An explicit manifest beats guessing from folder names (cxr4 ships both; they agree).
+    manifests = [
+        p
+        for p in sorted(root.glob("*.csv"))
+        if not _is_hidden(p.name) and _is_manifest_header(_csv_header(p))
+    ]
+    preferred = [p for p in manifests if p.name.lower() == "manifest.csv"]
+    if preferred or len(manifests) == 1:
+        return "manifest", (preferred or manifests)[0]
+    if len(manifests) > 1:
+        raise DataSourceError(
+            f"{root}: several CSV manifests ({[p.name for p in manifests]}); pass the one to "
+            "use as the source"
+        )
+    if any(p.is_dir() and not _is_hidden(p.name) and _images_under(p) for p in root.iterdir()):
+        return "image-folder", root
+    raise DataSourceError(
+        f"{root}: no images or metadata found in a known layout\n{ACCEPTED_SOURCES}"
+    )
+
+
+def load_source(src: Path | str) -> list[Sample]:
+    """Load every labelled image of ``src`` (any of the four accepted sources).
+
+    ``src`` may be the folder or the CSV file itself. Files that are listed but missing are
+    dropped with one warning; splits are those the source gives (``None`` otherwise).
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist.
+        DataSourceError: the layout is not recognised (the message lists accepted layouts),
+            or the source holds no images.
+    """
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data source {path} does not exist\n{ACCEPTED_SOURCES}")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DataSourceError(f"{path}: not a folder or a CSV file\n{ACCEPTED_SOURCES}")
+        kind, target = "csv", path
+        samples = _load_csv(path)
+    else:
+        kind, target = _detect_directory(path)
+        loaders: dict[str, Callable[[Path], list[Sample]]] = {
+            "coronahack": _load_coronahack,
+            "covid-collection": _load_covid_collection,
+            "manifest": _load_manifest,
+            "image-folder": _load_image_folder,
+        }
+        samples = loaders[kind](target)
+    if not samples:
+        raise DataSourceError(f"{target}: the source holds no usable labelled images")
+    logger.info(
+        "loaded %d images from %s (%s): %s", len(samples), target, kind, class_counts(samples)
+    )
+    return samples
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------
+
+
+def _group_key(sample: Sample, index: int) -> str:
+    return f"patient:{sample.patient_id}" if sample.patient_id else f"sample:{index}"
+
+
+def _grouped_stratified(
+    samples: Sequence[Sample], fractions: Mapping[str, float], seed: int
+) -> dict[str, list[Sample]]:
+    """Assign whole patient groups to splits, greedily matching per-class targets.
+
+    Groups are visited largest first (random order among equals, from ``seed``); each goes
+    to the split whose per-class quotas it fills best. This is exact enough for data sets of
+    any size, including the tiny ones the service retrains on, where sklearn's group K-fold
+    splitters refuse to run.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        groups[_group_key(s, i)].append(i)
+    totals = Counter(s.label for s in samples)
+    names = [name for name in fractions if fractions[name] > 0]
+    target = {n: {lab: fractions[n] * c for lab, c in totals.items()} for n in names}
+    current = {n: Counter() for n in names}
+
+    rng = np.random.default_rng(seed)
+    keys = sorted(groups)
+    order = rng.permutation(len(keys))
+    rank = {keys[j]: r for r, j in enumerate(order)}
+    keys.sort(key=lambda k: (-len(groups[k]), rank[k]))
+
+    assigned: dict[str, list[Sample]] = {n: [] for n in fractions}
+    for key in keys:
+        members = groups[key]
+        counts = Counter(samples[i].label for i in members)
+
+        def need(name: str, counts: Counter[str] = counts) -> float:
+            return sum(
+                n * (target[name][lab] - current[name][lab]) / totals[lab]
+                for lab, n in counts.items()
+            )
+
+        best = max(names, key=lambda n: (need(n), fractions[n]))
+        current[best].update(counts)
+        assigned[best].extend(dataclasses.replace(samples[i], split=best) for i in members)
+    return assigned
+
+
+def split_samples(
+    samples: Sequence[Sample],
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> dict[str, list[Sample]]:
+    """Split into ``{"train", "val", "test"}`` lists (always all three keys).
+
+    Splits given by the source are kept: with train and test only, val is carved out of
+    train (``val_fraction`` of it), likewise a missing test. Without given splits the samples
+    are split stratified by label and grouped by ``patient_id`` when present, so no patient
+    appears in two splits. Deterministic for a given ``seed``.
+    """
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError("val_fraction + test_fraction must leave some data for training")
+    samples = list(samples)
+    given = {s.split for s in samples}
+    if given == {None} or not samples:
+        out = _grouped_stratified(
+            samples,
+            {
+                "train": 1.0 - val_fraction - test_fraction,
+                "val": val_fraction,
+                "test": test_fraction,
+            },
+            seed,
+        )
+    else:
+        if None in given:
+            missing = sum(1 for s in samples if s.split is None)
+            raise DataSourceError(
+                f"{missing} of {len(samples)} samples have no split while the others do; give "
+                "a split for every row or for none (then splits are computed)"
+            )
+        unknown = given - set(SPLITS)
+        if unknown:
+            raise DataSourceError(f"unknown splits {sorted(unknown)}; use train, val, test")
+        out = {name: [s for s in samples if s.split == name] for name in SPLITS}
+        if not out["train"]:
+            raise DataSourceError("the source gives splits but no train split; add train rows")
+        for missing_split, fraction in (("val", val_fraction), ("test", test_fraction)):
+            if not out[missing_split] and fraction > 0:
+                carved = _grouped_stratified(
+                    out["train"], {"train": 1.0 - fraction, missing_split: fraction}, seed
+                )
+                out["train"], out[missing_split] = carved["train"], carved[missing_split]
+                logger.info(
+                    "no %s split given: carved %d images out of train",
+                    missing_split,
+                    len(out[missing_split]),
+                )
+        _warn_patient_leaks(out)
+    logger.info("splits: %s", summarise(out))
+    return {name: out.get(name, []) for name in SPLITS}
+
+
+def _warn_patient_leaks(splits: Mapping[str, Sequence[Sample]]) -> None:
+    where: dict[str, set[str]] = defaultdict(set)
+    for name, items in splits.items():
+        for s in items:
+            if s.patient_id:
+                where[s.patient_id].add(name)
+    leaked = sorted(p for p, names in where.items() if len(names) > 1)
+    if leaked:
+        logger.warning(
+            "%d patients appear in more than one of the given splits (metrics will be "
+            "optimistic): %s",
+            len(leaked),
+            _name_some(leaked),
+        )
+
+
+def class_counts(samples: Iterable[Sample]) -> dict[str, int]:
+    """Number of samples per label, labels sorted."""
+    counts = Counter(s.label for s in samples)
+    return {label: counts[label] for label in sorted(counts)}
+
+
+def class_names(samples: Iterable[Sample]) -> list[str]:
+    """Sorted distinct labels: the canonical class order (index = class id)."""
+    return sorted({s.label for s in samples})
+
+
+def summarise(splits: Mapping[str, Sequence[Sample]]) -> dict[str, dict[str, int]]:
+    """Per split, per class counts (plus ``total``), for logs and ``metrics.json``."""
+    return {name: {**class_counts(items), "total": len(items)} for name, items in splits.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset and sampler
+# --------------------------------------------------------------------------------------------
+
+
+class XrayDataset(Dataset[tuple[torch.Tensor, int]]):
+    """``(tensor (1, S, S), class index)`` pairs through the shared decode + preprocess.
+
+    Every image is decoded once up front: unreadable or corrupt files are found before
+    training starts (rather than crashing epoch 3), counted in :attr:`skipped`, named in one
+    warning, and left out. With ``cache=True`` (default) the preprocessed, un-augmented
+    tensor is kept in memory (``S*S*4`` bytes per image, 64 KiB at 128 px), so later epochs
+    cost only the augmentation, which is applied to the cached tensor.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        classes: Sequence[str],
+        spec: Preprocessing,
+        *,
+        augment: bool,
+        cache: bool = True,
+        max_pixels: int | None = None,
+    ) -> None:
+        self.classes = list(classes)
+        self.spec = spec
+        self.augment = augment
+        self.max_pixels = max_pixels
+        self.class_to_index = {name: i for i, name in enumerate(self.classes)}
+        if len(self.class_to_index) != len(self.classes):
+            raise ValueError(f"duplicate class names in {self.classes}")
+        unknown = sorted({s.label for s in samples} - set(self.class_to_index))
+        if unknown:
+            raise ValueError(
+                f"labels {unknown} are not among the classes {self.classes}; pass every "
+                "class name (e.g. class_names(all_samples))"
+            )
+        self.augmentation = train_augmentation(spec) if augment else None
+        self.skipped: list[Path] = []
+        self._cache: list[torch.Tensor] | None = [] if cache else None
+        self.samples: list[Sample] = self._scan(samples)
+        self.labels: np.ndarray = np.array(
+            [self.class_to_index[s.label] for s in self.samples], dtype=np.int64
+        )
+
+    def _load(self, path: Path) -> torch.Tensor:
+        return preprocess(decode_image(path, max_pixels=self.max_pixels), self.spec)
+
+    def _scan(self, samples: Sequence[Sample]) -> list[Sample]:
+        kept: list[Sample] = []
+        reasons: list[str] = []
+        for sample in samples:
+            try:
+                tensor = self._load(sample.path)
+            except (ValueError, OSError) as exc:  # ImageError is a ValueError
+                self.skipped.append(sample.path)
+                reasons.append(f"{sample.path.name} ({exc.__class__.__name__})")
+                continue
+            kept.append(sample)
+            if self._cache is not None:
+                self._cache.append(tensor)
+        if self.skipped:
+            logger.warning(
+                "skipped %d of %d images that cannot be read: %s",
+                len(self.skipped),
+                len(samples),
+                _name_some(reasons),
+            )
+        if samples and not kept:
+            raise ValueError(
+                f"none of the {len(samples)} images could be read (first: {self.skipped[0]}); "
+                "check the data source"
+            )
+        return kept
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self._cache is not None:
+            tensor = self._cache[index]
+        else:
+            tensor = self._load(self.samples[index].path)
+        if self.augmentation is not None:
+            tensor = self.augmentation(tensor)
+        return tensor, int(self.labels[index])
+
+
+def balanced_sampler(
+    labels: Sequence[int] | np.ndarray | torch.Tensor,
+    *,
+    m_per_class: int = 4,
+    length: int | None = None,
+    batch_size: int | None = None,
+) -> Any:
+    """A ``MPerClassSampler`` whose batches hold ``m_per_class`` images of every class.
+
+    The rare COVID-19 class (about 2% of images) would otherwise be absent from most batches,
+    leaving metric losses without positive pairs for it. ``batch_size`` defaults to
+    ``m_per_class * n_classes`` (every class in each batch); use the sampler's
+    ``.batch_size`` for the DataLoader and do not shuffle there. ``length`` (indices per
+    epoch) defaults to the number of labels, rounded down to whole batches (at least one).
+    Classes with fewer than ``m_per_class`` images are sampled with replacement. The order
+    comes from NumPy's global RNG (``np.random.seed`` makes it reproducible).
+    """
+    from pytorch_metric_learning.samplers import MPerClassSampler
+
+    array = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError("balanced_sampler needs a non-empty 1-D sequence of class indices")
+    n_classes = len(np.unique(array))
+    if m_per_class < 1:
+        raise ValueError(f"m_per_class must be >= 1, got {m_per_class}")
+    if batch_size is None:
+        batch_size = m_per_class * n_classes
+    if batch_size % m_per_class or batch_size > m_per_class * n_classes:
+        raise ValueError(
+            f"batch_size {batch_size} must be a multiple of m_per_class {m_per_class} and at "
+            f"most m_per_class * n_classes = {m_per_class * n_classes}"
+        )
+    length = max(int(length if length is not None else array.size), batch_size)
+    return MPerClassSampler(
+        array, m_per_class, batch_size=batch_size, length_before_new_iter=length
+    )

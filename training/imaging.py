@@ -1,0 +1,819 @@
+"""Image decoding: the only place in the project where pixels are decoded.
+
+Training, evaluation and the HTTP service all go through :func:`decode_image`, so a chest
+X-ray looks the same to the model whichever path it came in by. Supported formats are PNG,
+JPEG and DICOM (8- or 16-bit, signed or unsigned, MONOCHROME1/2, RGB, multi-frame). Every
+decoded image is a ``float32`` array ``(H, W)`` in ``[0, 1]``, one channel, 0 = black.
+
+Untrusted uploads are the main threat model here: the pixel limit is checked from the
+header *before* pixels are decoded (a 100-byte PNG may claim 50000x50000 pixels), and every
+failure becomes one of the :class:`ImageError` subclasses with a message that tells the
+user what to do, so the service can map them to 400 / 413 / 415 without guessing.
+
+DICOM files may carry patient identifiers; :func:`deidentify_dicom` strips them (a subset of
+the DICOM PS3.15 basic confidentiality profile plus all private tags) and is meant to run
+before anything is stored.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import logging
+import os
+import struct
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BLANKED_DICOM_KEYWORDS",
+    "REMOVED_DICOM_KEYWORDS",
+    "CorruptImageError",
+    "ImageError",
+    "ImageFormat",
+    "ImageTooLargeError",
+    "UnsupportedImageError",
+    "decode_image",
+    "deidentify_dicom",
+    "find_dicom_identifiers",
+    "read_image_size",
+    "sniff_format",
+]
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_DICOM_MAGIC_OFFSET = 128
+_DICOM_MAGIC = b"DICM"
+_ACCEPTED = "PNG, JPEG or DICOM"
+
+
+class ImageError(ValueError):
+    """Base class of every image problem; a ``ValueError`` so callers may catch either."""
+
+
+class CorruptImageError(ImageError):
+    """The file claims a supported format but cannot be read (truncated, damaged, empty)."""
+
+
+class UnsupportedImageError(ImageError):
+    """The file is not PNG, JPEG or DICOM, or uses a variant this build cannot decode."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than allowed; raised from the header, before decoding."""
+
+
+class ImageFormat(enum.StrEnum):
+    """Formats :func:`decode_image` accepts (values are lower-case names)."""
+
+    PNG = "png"
+    JPEG = "jpeg"
+    DICOM = "dicom"
+
+
+# --------------------------------------------------------------------------------------------
+# Format sniffing
+# --------------------------------------------------------------------------------------------
+
+
+def _looks_like_raw_dicom(data: bytes) -> bool:
+    """Whether ``data`` is a DICOM data set written without the 128-byte preamble.
+
+    Some PACS exports omit the preamble and the ``DICM`` marker. Accepting them needs
+    pydicom's ``force=True``, which will happily "parse" any bytes, so we are conservative:
+    the stream must start with a group 0x0002 or 0x0008 element (little endian), and the
+    parsed header must contain an element only a real image data set has.
+    """
+    if len(data) < 16:
+        return False
+    group = int.from_bytes(data[0:2], "little")
+    if group not in (0x0002, 0x0008):
+        return False
+    try:
+        ds = _dcmread(data, stop_before_pixels=True, force=True)
+    except Exception:  # force-parsing arbitrary bytes can fail in many ways
+        return False
+    markers = ("SOPClassUID", "Modality", "Rows", "PhotometricInterpretation")
+    try:
+        return any(keyword in ds for keyword in markers)
+    except Exception:
+        return False
+
+
+def sniff_format(data: bytes) -> ImageFormat | None:
+    """Identify the format of ``data`` from its magic bytes (``None`` when unsupported).
+
+    The file name or the client's content type are never trusted: a text file renamed to
+    ``.png`` must be refused as unsupported, not half-decoded.
+    """
+    if data.startswith(_PNG_MAGIC):
+        return ImageFormat.PNG
+    if data.startswith(_JPEG_MAGIC):
+        return ImageFormat.JPEG
+    end = _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)
+    if len(data) >= end and data[_DICOM_MAGIC_OFFSET:end] == _DICOM_MAGIC:
+        return ImageFormat.DICOM
+    if _looks_like_raw_dicom(data):
+        return ImageFormat.DICOM
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _read_bytes(data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> bytes:
+    """Return the bytes of ``data`` (reading the file when given a path)."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    if isinstance(data, str | os.PathLike):
+        return Path(data).read_bytes()
+    raise TypeError(f"expected bytes or a path, got {type(data).__name__}")
+
+
+def _format_or_raise(data: bytes) -> ImageFormat:
+    if not data:
+        raise CorruptImageError(f"The file is empty; upload a {_ACCEPTED} image.")
+    fmt = sniff_format(data)
+    if fmt is None:
+        hint = ""
+        if data.startswith((b"GIF87a", b"GIF89a")):
+            hint = " (this is a GIF)"
+        elif data.startswith((b"II*\x00", b"MM\x00*")):
+            hint = " (this is a TIFF)"
+        elif data[:5].lower() in (b"<!doc", b"<html") or data.startswith(b"%PDF"):
+            hint = " (this looks like a document, not an image)"
+        raise UnsupportedImageError(
+            f"Unsupported image format{hint}: the content is not {_ACCEPTED} "
+            "(the file name and extension are not trusted). Convert the image to PNG, "
+            "JPEG or DICOM and upload it again."
+        )
+    return fmt
+
+
+def _too_large(width: int, height: int, max_pixels: int) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"The image is {width}x{height} = {width * height} pixels, over the limit of "
+        f"{max_pixels} pixels; downscale it (a chest X-ray needs no more than about "
+        "4000x4000) and upload it again."
+    )
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    if width <= 0 or height <= 0:
+        raise CorruptImageError(
+            f"The image header gives an invalid size {width}x{height}; the file is damaged. "
+            "Export the image again."
+        )
+    if max_pixels is not None and width * height > max_pixels:
+        raise _too_large(width, height, max_pixels)
+
+
+def _min_max(arr: np.ndarray) -> np.ndarray:
+    """Scale to ``[0, 1]``; a constant image becomes all zeros rather than NaN."""
+    arr = arr.astype(np.float64, copy=False)
+    lo = float(np.min(arr))
+    hi = float(np.max(arr))
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise CorruptImageError(
+            "The image contains non-finite pixel values; the file is damaged. Export it again."
+        )
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.float32)
+    return ((arr - lo) / (hi - lo)).astype(np.float32)
+
+
+def _rgb_to_gray(arr: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma, the same weights Pillow uses for ``convert("L")``."""
+    arr = arr.astype(np.float64, copy=False)
+    return arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
+
+
+# --------------------------------------------------------------------------------------------
+# PNG / JPEG through Pillow
+# --------------------------------------------------------------------------------------------
+
+_PIL_FORMATS = {ImageFormat.PNG: ["PNG"], ImageFormat.JPEG: ["JPEG", "MPO"]}
+# Errors Pillow (and zlib underneath) raise on damaged files.
+_PIL_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    struct.error,
+)
+
+
+def _open_pil(data: bytes, fmt: ImageFormat, max_pixels: int | None) -> Image.Image:
+    """Open lazily (header only) and enforce the pixel limit before any decoding.
+
+    Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) raises
+    ``DecompressionBombError`` inside ``open`` for absurd sizes; we map it to
+    :class:`ImageTooLargeError` instead of changing the process-wide setting, which other
+    code in the same process may rely on. The effective limit is therefore the smaller of
+    ``max_pixels`` and twice Pillow's limit (about 179 megapixels).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS[fmt])
+    except Image.DecompressionBombError as exc:
+        limit = max_pixels if max_pixels is not None else 2 * int(Image.MAX_IMAGE_PIXELS or 0)
+        size = _parse_header_size(data, fmt)
+        if size is not None:
+            raise _too_large(size[0], size[1], limit) from exc
+        raise ImageTooLargeError(
+            f"The image header claims more pixels than allowed ({exc}); the limit is "
+            f"{limit} pixels. Downscale the image and upload it again."
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise CorruptImageError(
+            f"The file starts like a {fmt.name} but its header cannot be read; it is damaged "
+            "or truncated. Export the image again."
+        ) from exc
+    except _PIL_ERRORS as exc:
+        raise CorruptImageError(
+            f"The {fmt.name} header cannot be read ({exc}); the file is damaged. "
+            "Export the image again."
+        ) from exc
+    width, height = img.size
+    _check_pixels(width, height, max_pixels)
+    return img
+
+
+_JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _parse_header_size(data: bytes, fmt: ImageFormat) -> tuple[int, int] | None:
+    """``(width, height)`` straight from the PNG IHDR or JPEG SOF segment, or None.
+
+    Used when Pillow refuses to open an image whose header claims an absurd size, so the
+    caller still learns how big it claims to be.
+    """
+    if fmt is ImageFormat.PNG:
+        if len(data) >= 24 and data[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", data[16:24])
+            return int(width), int(height)
+        return None
+    if fmt is ImageFormat.JPEG:
+        pos = 2
+        while pos + 4 <= len(data):
+            if data[pos] != 0xFF:
+                return None
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker in (0x01, *range(0xD0, 0xDA)):  # standalone markers
+                pos += 2
+                continue
+            (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+            if marker in _JPEG_SOF_MARKERS:
+                if pos + 9 > len(data):
+                    return None
+                height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+                return int(width), int(height)
+            pos += 2 + length
+    return None
+
+
+def _png_significant_bits(img: Image.Image) -> int | None:
+    """Bits actually used by a 16-bit grayscale PNG, from its ``sBIT`` chunk if present."""
+    png = getattr(img, "png", None)
+    chunk = None
+    if png is not None:
+        # Pillow keeps unknown ancillary chunks only in some versions; be tolerant.
+        chunk = getattr(png, "im_sbit", None)
+    if chunk is None:
+        return None
+    try:
+        bits = int(chunk[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return bits if 1 <= bits <= 16 else None
+
+
+def _high_bit_depth_to_unit(arr: np.ndarray, significant_bits: int | None) -> np.ndarray:
+    """Scale 16-bit (or 32-bit integer) grayscale to ``[0, 1]`` by its real value range.
+
+    Medical 16-bit PNGs often hold 10-, 12- or 14-bit data: dividing by 65535 would give an
+    almost black image. We divide by ``2**bits - 1`` where ``bits`` is the declared ``sBIT``
+    depth, or else the smallest depth (at least 8) that holds the image's maximum value. This
+    keeps one fixed scale per bit depth (unlike a per-image min-max stretch) while never
+    clipping to 8 bits.
+    """
+    arr = arr.astype(np.float64, copy=False)
+    lo = float(arr.min()) if arr.size else 0.0
+    if lo < 0:  # signed 32-bit data: shift so that the minimum is black
+        arr = arr - lo
+    peak = float(arr.max()) if arr.size else 0.0
+    if significant_bits is not None and peak <= 2**significant_bits - 1:
+        bits = significant_bits
+    else:
+        bits = max(8, int(np.ceil(np.log2(peak + 1.0))) if peak > 0 else 8)
+    return np.clip(arr / float(2**bits - 1), 0.0, 1.0).astype(np.float32)
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img)
+        return _high_bit_depth_to_unit(arr, _png_significant_bits(img))
+    if mode == "F":
+        return _min_max(np.asarray(img, dtype=np.float64))
+    if mode == "1":
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    if mode == "L":
+        return np.asarray(img, dtype=np.float32) / 255.0
+    if mode in ("LA", "La"):
+        return np.asarray(img.getchannel(0), dtype=np.float32) / 255.0
+    # RGB, RGBA, P, PA, CMYK, YCbCr, ...: go through RGB (drops alpha) then luma.
+    rgb = img.convert("RGB")
+    return np.asarray(rgb.convert("L"), dtype=np.float32) / 255.0
+
+
+def _decode_pil(data: bytes, fmt: ImageFormat, max_pixels: int | None) -> np.ndarray:
+    img = _open_pil(data, fmt, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+            if fmt is ImageFormat.JPEG:
+                # Phone photos of films carry an EXIF orientation; honour it.
+                img = ImageOps.exif_transpose(img)
+            arr = _pil_to_array(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{exc}. Downscale the image and upload it again.") from exc
+    except (*_PIL_ERRORS, MemoryError) as exc:
+        raise CorruptImageError(
+            f"The {fmt.name} image cannot be decoded ({exc}); the file is truncated or "
+            "damaged. Export the image again."
+        ) from exc
+    finally:
+        img.close()
+    if arr.ndim != 2:
+        raise CorruptImageError(f"Decoded {fmt.name} has unexpected shape {arr.shape}.")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM through pydicom
+# --------------------------------------------------------------------------------------------
+
+
+def _dcmread(data: bytes, *, stop_before_pixels: bool = False, force: bool = False) -> Any:
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels, force=force)
+
+
+def _read_dicom(data: bytes, *, stop_before_pixels: bool) -> Any:
+    """Parse a DICOM stream (with or without preamble); errors become CorruptImageError."""
+    has_preamble = data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == _DICOM_MAGIC
+    try:
+        ds = _dcmread(data, stop_before_pixels=stop_before_pixels, force=not has_preamble)
+    except Exception as exc:  # pydicom raises many types on damaged input
+        raise CorruptImageError(
+            f"The DICOM file cannot be parsed ({exc.__class__.__name__}: {exc}); it is "
+            "damaged or truncated. Export it again from the PACS."
+        ) from exc
+    _ensure_transfer_syntax(ds)
+    return ds
+
+
+def _ensure_transfer_syntax(ds: Any) -> None:
+    """Raw data sets (no preamble/meta) lack a transfer syntax; infer it from the encoding."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None or little is None:
+        return
+    if meta is None:
+        meta = FileMetaDataset()
+        ds.file_meta = meta
+    if not little:
+        meta.TransferSyntaxUID = ExplicitVRBigEndian
+    else:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+
+
+def _dicom_size(ds: Any) -> tuple[int, int]:
+    try:
+        rows = int(ds.Rows)
+        cols = int(ds.Columns)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptImageError(
+            "The DICOM file has no valid Rows/Columns; it is not an image (perhaps a report "
+            "or structured document). Upload the image series instead."
+        ) from exc
+    return cols, rows
+
+
+def _transfer_syntax(ds: Any) -> Any:
+    meta = getattr(ds, "file_meta", None)
+    return getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+
+
+def _dicom_pixels(ds: Any) -> np.ndarray:
+    """Decode the first frame only, so a 500-frame cine loop costs one frame of memory."""
+    from pydicom.pixels import pixel_array
+
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise CorruptImageError(
+            "The DICOM file contains no pixel data; it is not an image (perhaps a report or "
+            "structured document). Upload the image instead."
+        )
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    ts = _transfer_syntax(ds)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = pixel_array(ds, index=0 if frames > 1 else None)
+    except (NotImplementedError, RuntimeError, ImportError) as exc:
+        name = getattr(ts, "name", str(ts))
+        if ts is not None and getattr(ts, "is_compressed", False):
+            raise UnsupportedImageError(
+                f"The DICOM pixel data is compressed as '{name}', which this server cannot "
+                f"decode ({exc}). Re-export it uncompressed (Explicit VR Little Endian) or "
+                "as PNG, and upload it again."
+            ) from exc
+        raise CorruptImageError(
+            f"The DICOM pixel data cannot be decoded ({exc}); the file is damaged. Export it again."
+        ) from exc
+    except Exception as exc:
+        raise CorruptImageError(
+            f"The DICOM pixel data cannot be decoded ({exc.__class__.__name__}: {exc}); the "
+            "file is damaged or truncated. Export it again."
+        ) from exc
+    return np.asarray(arr)
+
+
+def _decode_dicom(data: bytes, max_pixels: int | None) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    # Header first: the size check must not wait for the pixel data to be parsed.
+    header = _read_dicom(data, stop_before_pixels=True)
+    width, height = _dicom_size(header)
+    _check_pixels(width, height, max_pixels)
+
+    ds = _read_dicom(data, stop_before_pixels=False)
+    arr = _dicom_pixels(ds)
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and samples >= 3:
+        # pixel_array already converted YBR to RGB; LUTs do not apply to colour images.
+        return _min_max(_rgb_to_gray(arr))
+    if arr.ndim != 2:
+        raise CorruptImageError(
+            f"The DICOM pixel data has an unexpected shape {arr.shape}; export a single "
+            "2-D grayscale image."
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Modality LUT (RescaleSlope/Intercept or a LUT) gives physical units; then the
+            # VOI LUT or window the modality chose for display, as a radiologist sees it.
+            values = apply_modality_lut(arr, ds)
+            if "VOILUTSequence" in ds or "WindowCenter" in ds:
+                values = apply_voi_lut(values, ds, index=0)
+    except Exception as exc:  # malformed LUT or window attributes
+        logger.warning("ignoring malformed DICOM LUT/window attributes: %s", exc)
+        values = arr
+    unit = _min_max(np.asarray(values, dtype=np.float64))
+    if photometric == "MONOCHROME1":
+        # MONOCHROME1: the minimum value is white; invert so that 0 is black everywhere.
+        unit = 1.0 - unit
+    return np.ascontiguousarray(unit, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes | Path | str, *, max_pixels: int | None = None) -> np.ndarray:
+    """Decode a PNG, JPEG or DICOM image into a ``float32`` ``(H, W)`` array in ``[0, 1]``.
+
+    ``data`` is the file content or a path to it. ``max_pixels`` (``width * height``) is
+    checked from the header before decoding, so a decompression bomb is refused without
+    allocating its pixels.
+
+    Conversions: colour and palette images become luma; alpha is dropped; 16-bit PNGs keep
+    their precision (scaled by their real bit depth, see :func:`_high_bit_depth_to_unit`);
+    DICOM gets the modality LUT (rescale), then the VOI LUT or window, then a min-max
+    stretch; MONOCHROME1 is inverted; multi-frame DICOM yields its first frame.
+
+    Raises:
+        UnsupportedImageError: not PNG, JPEG or DICOM, or a DICOM compression that cannot
+            be decoded here.
+        CorruptImageError: empty, truncated or damaged file.
+        ImageTooLargeError: more than ``max_pixels`` pixels.
+    """
+    raw = _read_bytes(data)
+    fmt = _format_or_raise(raw)
+    if fmt is ImageFormat.DICOM:
+        return _decode_dicom(raw, max_pixels)
+    return _decode_pil(raw, fmt, max_pixels)
+
+
+def read_image_size(data: bytes | Path | str) -> tuple[int, int]:
+    """Return ``(width, height)`` from the header alone, without decoding pixels."""
+    raw = _read_bytes(data)
+    fmt = _format_or_raise(raw)
+    if fmt is ImageFormat.DICOM:
+        width, height = _dicom_size(_read_dicom(raw, stop_before_pixels=True))
+        return width, height
+    try:
+        img = _open_pil(raw, fmt, None)
+    except ImageTooLargeError:
+        size = _parse_header_size(raw, fmt)
+        if size is None:
+            raise
+        return size
+    try:
+        return img.size
+    finally:
+        img.close()
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM de-identification
+# --------------------------------------------------------------------------------------------
+
+#: Type 2 identifying attributes that must stay present but empty (PS3.15 action "Z").
+BLANKED_DICOM_KEYWORDS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ContentDate",
+    "ContentTime",
+)
+
+#: Identifying attributes removed outright (PS3.15 action "X"), a working subset of the
+#: basic application level confidentiality profile.
+REMOVED_DICOM_KEYWORDS: tuple[str, ...] = (
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientBirthTime",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientAddress",
+    "PatientMotherBirthName",
+    "PatientTelephoneNumbers",
+    "PatientTelecomInformation",
+    "PatientInsurancePlanCodeSequence",
+    "PatientReligiousPreference",
+    "PatientComments",
+    "PatientState",
+    "PregnancyStatus",
+    "MedicalRecordLocator",
+    "MilitaryRank",
+    "BranchOfService",
+    "EthnicGroup",
+    "Occupation",
+    "AdditionalPatientHistory",
+    "MedicalAlerts",
+    "Allergies",
+    "SmokingStatus",
+    "CountryOfResidence",
+    "RegionOfResidence",
+    "IssuerOfPatientID",
+    "ResponsiblePerson",
+    "ResponsibleOrganization",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "InstitutionCodeSequence",
+    "ReferringPhysicianAddress",
+    "ReferringPhysicianTelephoneNumbers",
+    "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName",
+    "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence",
+    "PerformingPhysicianName",
+    "PerformingPhysicianIdentificationSequence",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence",
+    "OperatorsName",
+    "OperatorIdentificationSequence",
+    "RequestingPhysician",
+    "ScheduledPerformingPhysicianName",
+    "StationName",
+    "DeviceSerialNumber",
+    "PlateID",
+    "DetectorID",
+    "CassetteID",
+    "GantryID",
+    "StudyDescription",
+    "SeriesDescription",
+    "PerformedProcedureStepDescription",
+    "PerformedProcedureStepID",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "RequestAttributesSequence",
+    "RequestedProcedureID",
+    "RequestedProcedureDescription",
+    "ScheduledProcedureStepID",
+    "AdmissionID",
+    "AdmittingDiagnosesDescription",
+    "AdmittingDiagnosesCodeSequence",
+    "AdmittingDate",
+    "AdmittingTime",
+    "DischargeDiagnosisDescription",
+    "CurrentPatientLocation",
+    "PatientInstitutionResidence",
+    "VisitComments",
+    "ServiceEpisodeID",
+    "ServiceEpisodeDescription",
+    "ImageComments",
+    "FrameComments",
+    "DerivationDescription",
+    "TextComments",
+    "TextString",
+    "AcquisitionComments",
+    "ProtocolName",
+    "IdentifyingComments",
+    "DigitalSignaturesSequence",
+    "OriginalAttributesSequence",
+    "ModifiedAttributesSequence",
+    "ReferencedPatientSequence",
+    "ReferencedStudySequence",
+    "ReferencedPerformedProcedureStepSequence",
+    "SourceImageSequence",
+    "ReferencedImageSequence",
+    "SeriesDate",
+    "SeriesTime",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "AcquisitionDateTime",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "OverlayDate",
+    "OverlayTime",
+    "CurveDate",
+    "CurveTime",
+    "PersonName",
+    "ContentCreatorName",
+    "VerifyingObserverName",
+    "VerifyingObserverSequence",
+    "AuthorObserverSequence",
+    "ParticipantSequence",
+    "TimezoneOffsetFromUTC",
+)
+
+#: UIDs replaced by a one-way hash, so one original image always gets the same new UID
+#: (duplicate uploads stay recognisable) but the original cannot be read back.
+_REPLACED_UID_KEYWORDS: tuple[str, ...] = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+    "ReferencedSOPInstanceUID",
+    "IrradiationEventUID",
+    "ConcatenationUID",
+    "InstanceCreatorUID",
+    "StorageMediaFileSetUID",
+    "SynchronizationFrameOfReferenceUID",
+)
+
+_UID_SALT = "cxr-deidentify-v1"
+
+
+def _new_uid(value: str) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[_UID_SALT, str(value)]))
+
+
+def _visit(ds: Any, fn: Callable[[Any], None]) -> None:
+    """Apply ``fn`` to ``ds`` and every nested sequence item."""
+    fn(ds)
+    for elem in list(ds):
+        if elem.VR == "SQ" and elem.value is not None:
+            for item in elem.value:
+                _visit(item, fn)
+
+
+def _scrub(ds: Any) -> None:
+    from pydicom.dataelem import DataElement
+    from pydicom.multival import MultiValue
+
+    for keyword in REMOVED_DICOM_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)
+    for keyword in BLANKED_DICOM_KEYWORDS:
+        if keyword in ds:
+            elem = ds[keyword]
+            ds[elem.tag] = DataElement(elem.tag, elem.VR, "")
+    for keyword in _REPLACED_UID_KEYWORDS:
+        if keyword in ds and ds[keyword].value:
+            value = ds[keyword].value
+            if isinstance(value, MultiValue | list | tuple):
+                ds[keyword].value = [_new_uid(v) for v in value]
+            else:
+                ds[keyword].value = _new_uid(value)
+    # Person names (VR PN) anywhere, under any tag we did not list, are blanked too.
+    for elem in list(ds):
+        if elem.VR == "PN" and elem.value not in (None, ""):
+            ds[elem.tag] = DataElement(elem.tag, "PN", "")
+
+
+def deidentify_dicom(data: bytes) -> bytes:
+    """Return the DICOM ``data`` with patient identifiers removed, re-encoded.
+
+    Applies a working subset of the DICOM PS3.15 basic application level confidentiality
+    profile, recursively in sequences: identifying type-2 attributes (name, ID, birth date,
+    accession number, dates) are blanked, others removed, every person-name element blanked,
+    instance UIDs replaced by a salted one-way hash, and *all* private tags removed (vendors
+    hide names and IDs there). ``PatientIdentityRemoved`` is set to ``YES``. Pixel data is
+    untouched: burned-in text cannot be removed here.
+
+    The service calls this before anything is stored. Raises :class:`CorruptImageError` or
+    :class:`UnsupportedImageError` when ``data`` is not a readable DICOM file.
+    """
+    raw = _read_bytes(data)
+    fmt = _format_or_raise(raw)
+    if fmt is not ImageFormat.DICOM:
+        raise UnsupportedImageError(
+            f"deidentify_dicom expects a DICOM file, got {fmt.name}; only DICOM files carry "
+            "patient tags."
+        )
+    ds = _read_dicom(raw, stop_before_pixels=False)
+    try:
+        ds.remove_private_tags()
+        _visit(ds, _scrub)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and "MediaStorageSOPInstanceUID" in meta:
+            if "SOPInstanceUID" in ds:
+                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            else:
+                meta.MediaStorageSOPInstanceUID = _new_uid(meta.MediaStorageSOPInstanceUID)
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = "cxr: PS3.15 basic profile subset, private tags removed"
+        out = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.save_as(out)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise CorruptImageError(
+            f"The DICOM file cannot be de-identified ({exc.__class__.__name__}: {exc}); it "
+            "is damaged. Export it again, or convert it to PNG."
+        ) from exc
+    return out.getvalue()
+
+
+def find_dicom_identifiers(data: bytes) -> list[str]:
+    """Keywords of identifying attributes that still hold a value (empty list when clean).
+
+    Covers the blanked and removed keyword lists, person names and private tags, anywhere in
+    the data set; used by tests and as a safety check before storing a DICOM file.
+    """
+    raw = _read_bytes(data)
+    ds = _read_dicom(raw, stop_before_pixels=True)
+    found: list[str] = []
+    watched = set(BLANKED_DICOM_KEYWORDS) | set(REMOVED_DICOM_KEYWORDS)
+
+    def check(item: Any) -> None:
+        for elem in item:
+            name = elem.keyword or str(elem.tag)
+            has_value = elem.value not in (None, "", b"") and not (
+                elem.VR == "SQ" and len(elem.value) == 0
+            )
+            if not has_value:
+                continue
+            if elem.tag.is_private or name in watched or elem.VR == "PN":
+                found.append(name)
+
+    _visit(ds, check)
+    return sorted(set(found))

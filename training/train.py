@@ -1,0 +1,636 @@
+"""The siamese (metric-learning) training loop.
+
+Read :func:`train` top to bottom: seed, data, model, loss, optimiser and schedule, then epochs of
+class-balanced batches followed by a k-NN validation that drives early stopping and the best
+checkpoint, then a final test evaluation, ``metrics.json`` and plots.
+
+Run directory (``config.out``)::
+
+    config.json     resolved TrainConfig (what was actually run)
+    encoder.pt      best encoder (self-describing checkpoint, see training/checkpoint.py)
+    last.pt         full training state after the last finished epoch (for --resume)
+    metrics.json    per-epoch history, best validation and final test metrics
+    loss_curve.png  confusion_matrix.png  embedding_map.png
+
+Validation is *how the model is used*: embed the train split as references, classify each
+validation image by distance-weighted k-NN, and take the balanced accuracy (COVID-19 is ~2% of
+the images, plain accuracy would ignore it).
+
+On CUDA the forward/backward run under bf16 autocast with channels_last tensors; on CPU in
+float32. Only the CPU path was exercised in this project's development (no GPU was available).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from training.checkpoint import atomic_torch_save, save_checkpoint
+from training.data import (
+    Sample,
+    XrayDataset,
+    balanced_sampler,
+    class_names,
+    load_source,
+    split_samples,
+    summarise,
+)
+from training.encoders import create_encoder, list_encoders
+from training.evaluate import embed_tensors, evaluate_embeddings
+from training.losses import create_loss, list_losses
+from training.preprocess import Preprocessing, train_augmentation
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "TrainResult", "resolve_device", "train"]
+
+
+@dataclass
+class TrainConfig:
+    """Every hyper-parameter of a run; the defaults are the best measured on cxr4 (see
+    docs/BENCHMARKS.md, "Training")."""
+
+    data: str | None = None
+    out: str = "runs/train"
+    encoder: str = "resnet9_half"
+    loss: str = "contrastive"
+    epochs: int = 8
+    image_size: int = 112
+    batch_size: int = 64
+    embedding_dim: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"  # 'cosine' | 'onecycle'
+    min_lr_ratio: float = 0.02
+    grad_clip: float | None = 2.0
+    m_per_class: int | None = None  # None: batch_size // number of classes
+    patience: int | None = 4  # epochs without val improvement before stopping; None = never
+    device: str = "auto"  # 'auto' | 'cpu' | 'cuda'
+    seed: int = 0
+    workers: int | None = None  # DataLoader workers; None: 0 on CPU, up to 8 on CUDA
+    threads: int | None = None  # torch CPU threads; None: all cores
+    weights: str | None = None  # state dict to start from (never downloaded)
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    augment: bool = True
+    channels_last: bool = True
+    knn_k: int = 5
+    eval_batch_size: int = 128
+    n_way_episodes: int = 1000
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    mean: float = 0.5
+    std: float = 0.25
+    resume: bool = False
+    progress_bar: bool | None = None  # None: only when stderr is a terminal
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable) of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Rebuild from :meth:`to_dict` output, ignoring unknown keys (older/newer configs)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def validate(self) -> None:
+        """Fail fast, before loading data, with messages that say what to change."""
+        if self.encoder not in list_encoders():
+            raise ValueError(
+                f"unknown encoder {self.encoder!r}; choose one of: {', '.join(list_encoders())}"
+            )
+        if self.loss not in list_losses():
+            raise ValueError(
+                f"unknown loss {self.loss!r}; choose one of: {', '.join(list_losses())}"
+            )
+        if self.schedule not in ("cosine", "onecycle"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose cosine or onecycle")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
+        for name in ("epochs", "batch_size", "embedding_dim", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2 (metric losses need pairs)")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced: the run directory, the best checkpoint and the metrics."""
+
+    run_dir: Path
+    checkpoint: Path
+    metrics: dict[str, Any]
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when available; asking for CUDA without one is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda was requested but no CUDA GPU is available; use auto or cpu"
+        )
+    return torch.device(device)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # the balanced sampler draws from NumPy's global RNG
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Augmented(Dataset[tuple[torch.Tensor, int]]):
+    """Training view of a cached, un-augmented dataset: same tensors, random augmentation.
+
+    Keeping the base dataset un-augmented lets the same cached tensors serve as the k-NN
+    references for validation without decoding the images twice.
+    """
+
+    def __init__(self, base: XrayDataset, augment: Callable[[torch.Tensor], torch.Tensor] | None):
+        self.base = base
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x, y = self.base[index]
+        return (self.augment(x) if self.augment is not None else x), y
+
+
+def _lr_schedule(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule: linear warm-up then cosine decay, or PyTorch's one-cycle."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(round(config.warmup_epochs * steps_per_epoch)))
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=config.lr,
+            total_steps=total,
+            pct_start=max(warmup, 1) / total,
+            anneal_strategy="cos",
+        )
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Decay weight matrices and conv kernels only; biases and norm scales are not decayed."""
+    decay, no_decay = [], []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _load_splits(
+    config: TrainConfig, samples: Mapping[str, list[Sample]] | None
+) -> dict[str, list[Sample]]:
+    if samples is not None:
+        splits = {name: list(samples.get(name) or []) for name in ("train", "val", "test")}
+        if not splits["train"]:
+            raise ValueError("samples must contain a non-empty 'train' list")
+        return splits
+    if not config.data:
+        raise ValueError("no training data: pass --data SRC (an image folder or a CSV manifest)")
+    return split_samples(
+        load_source(Path(config.data)),
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+    )
+
+
+def _make_progress(enabled: bool) -> Any:
+    """A rich progress bar (epoch, loss, images/s, ETA) on stderr, or None."""
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+
+
+def _summary(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The few numbers worth a log line / the checkpoint header."""
+    knn = report["knn"]
+    out = {
+        "balanced_accuracy": knn["balanced_accuracy"],
+        "accuracy": knn["accuracy"],
+        "macro_f1": knn["macro_f1"],
+        "mean_distance_balanced_accuracy": report["mean_distance"]["balanced_accuracy"],
+        "recall": {name: pc["recall"] for name, pc in knn["per_class"].items()},
+    }
+    if report.get("n_way", {}).get("accuracy") is not None:
+        out["n_way_accuracy"] = report["n_way"]["accuracy"]
+    return out
+
+
+def train(
+    config: TrainConfig,
+    *,
+    samples: Mapping[str, list[Sample]] | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> TrainResult:
+    """Train an encoder as configured; see the module docstring for what lands in ``config.out``.
+
+    ``samples`` (``{"train": [...], "val": [...], "test": [...]}``) replaces ``config.data`` (the
+    service retrains on enrolled references this way). ``progress(fraction)`` is called with a
+    number in ``[0, 1]`` as training goes.
+    """
+    config.validate()
+    started = time.perf_counter()
+    run_dir = Path(config.out).expanduser()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = run_dir / "last.pt", run_dir / "encoder.pt"
+    if config.resume and not last_path.is_file():
+        raise FileNotFoundError(
+            f"--resume: {last_path} does not exist; train without --resume first"
+        )
+
+    # ---- environment --------------------------------------------------------------------
+    _seed_everything(config.seed)
+    device = resolve_device(config.device)
+    on_cuda = device.type == "cuda"
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    workers = (
+        config.workers
+        if config.workers is not None
+        else (min(8, os.cpu_count() or 1) if on_cuda else 0)
+    )
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    channels_last = config.channels_last or on_cuda
+    amp_dtype = torch.bfloat16 if on_cuda else None
+
+    # ---- data ---------------------------------------------------------------------------
+    splits = _load_splits(config, samples)
+    classes = class_names([s for split in splits.values() for s in split])
+    spec = Preprocessing(image_size=config.image_size, mean=config.mean, std=config.std)
+    log.info("decoding and caching %s", summarise(splits))
+    datasets = {
+        name: XrayDataset(items, classes, spec, augment=False)
+        for name, items in splits.items()
+        if items
+    }
+    train_set = datasets["train"]
+    n_train_classes = len(np.unique(train_set.labels))
+    m_per_class = config.m_per_class or max(2, config.batch_size // n_train_classes)
+    batch_size = min(config.batch_size, m_per_class * n_train_classes)
+    batch_size -= batch_size % m_per_class
+    sampler = balanced_sampler(
+        train_set.labels, m_per_class=m_per_class, length=len(train_set), batch_size=batch_size
+    )
+    augment = train_augmentation(spec) if config.augment else None
+    loader = DataLoader(
+        _Augmented(train_set, augment),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=on_cuda,
+        persistent_workers=workers > 0,
+    )
+    steps_per_epoch = max(1, len(sampler) // batch_size)
+
+    # ---- model, loss, optimiser ---------------------------------------------------------
+    encoder = create_encoder(
+        config.encoder,
+        embedding_dim=config.embedding_dim,
+        weights=config.weights,
+        **config.encoder_kwargs,
+    ).to(device)
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    criterion = create_loss(
+        config.loss,
+        embedding_dim=config.embedding_dim,
+        num_classes=len(classes),
+        **config.loss_kwargs,
+    ).to(device)
+    optimizer = torch.optim.AdamW(
+        _param_groups([encoder, criterion], config.weight_decay), lr=config.lr
+    )
+    scheduler = _lr_schedule(optimizer, config, steps_per_epoch)
+
+    history: list[dict[str, Any]] = []
+    best_score, best_epoch, stale, start_epoch = -1.0, 0, 0, 0
+    best_val: dict[str, Any] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    if config.resume:
+        state = torch.load(last_path, map_location=device, weights_only=False)
+        encoder.load_state_dict(state["encoder"])
+        criterion.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        history = state["history"]
+        best_score, best_epoch, stale = state["best_score"], state["best_epoch"], state["stale"]
+        best_val, best_state = state["best_val"], state["best_state"]
+        start_epoch = state["epoch"]
+        log.info("resumed from %s after epoch %d", last_path, start_epoch)
+
+    config_dict = {**config.to_dict(), "resolved": {
+        "device": str(device), "m_per_class": m_per_class, "batch_size": batch_size,
+        "steps_per_epoch": steps_per_epoch, "workers": workers, "classes": classes,
+        "threads": torch.get_num_threads(), "channels_last": channels_last,
+        "autocast": str(amp_dtype) if amp_dtype else None,
+    }}  # fmt: skip
+    (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
+    log.info(
+        "training %s + %s on %s: %d train images, %d steps/epoch of %d (%d per class), %d epochs",
+        config.encoder, config.loss, device, len(train_set), steps_per_epoch, batch_size,
+        m_per_class, config.epochs,
+    )  # fmt: skip
+
+    def save_best(metrics: Mapping[str, Any]) -> None:
+        assert best_state is not None
+        snapshot = copy.deepcopy(encoder).cpu()
+        snapshot.load_state_dict(best_state)
+        save_checkpoint(
+            best_path,
+            encoder=snapshot,
+            encoder_name=config.encoder,
+            encoder_kwargs=config.encoder_kwargs,
+            preprocessing=spec,
+            classes=classes,
+            config=config_dict,
+            metrics=metrics,
+        )
+
+    def validate(split: str) -> dict[str, Any] | None:
+        """k-NN evaluation of ``split`` against the train split as references."""
+        if split not in datasets:
+            return None
+        kw = {"batch_size": config.eval_batch_size, "device": device,
+              "channels_last": channels_last, "autocast_dtype": amp_dtype}  # fmt: skip
+        refs = embed_tensors(encoder, [train_set[i][0] for i in range(len(train_set))], **kw)
+        queries_set = datasets[split]
+        queries = embed_tensors(encoder, [queries_set[i][0] for i in range(len(queries_set))], **kw)
+        return evaluate_embeddings(
+            refs,
+            [classes[i] for i in train_set.labels],
+            queries,
+            [classes[i] for i in queries_set.labels],
+            classes=classes,
+            k=config.knn_k,
+            episodes=config.n_way_episodes if split == "test" else 200,
+            seed=config.seed,
+        )
+
+    # ---- epochs -------------------------------------------------------------------------
+    total_steps = config.epochs * steps_per_epoch
+    show_bar = config.progress_bar if config.progress_bar is not None else sys.stderr.isatty()
+    bar = _make_progress(show_bar)
+    if bar is not None:
+        bar.start()
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            encoder.train()
+            criterion.train()
+            task = (
+                bar.add_task(
+                    f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, loss=0.0, ips=0.0
+                )
+                if bar is not None
+                else None
+            )
+            loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+            for step, (x, y) in enumerate(loader):
+                if step >= steps_per_epoch:
+                    break
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(
+                    device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None
+                ):
+                    embeddings = encoder(x)
+                loss = criterion(embeddings.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip:
+                    nn.utils.clip_grad_norm_(
+                        [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip
+                    )
+                optimizer.step()
+                scheduler.step()
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+                done = epoch * steps_per_epoch + step + 1
+                if progress is not None:
+                    progress(0.98 * done / total_steps)
+                if task is not None:
+                    ips = seen / max(time.perf_counter() - t0, 1e-9)
+                    bar.update(task, advance=1, loss=loss_sum / seen, ips=ips)
+            train_seconds = time.perf_counter() - t0
+            report = validate("val")
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / max(seen, 1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_second": seen / max(train_seconds, 1e-9),
+                "train_seconds": train_seconds,
+                "epoch_seconds": time.perf_counter() - t0,
+            }
+            if report is not None:
+                s = _summary(report)
+                row.update(
+                    val_balanced_accuracy=s["balanced_accuracy"],
+                    val_accuracy=s["accuracy"],
+                    val_mean_distance_balanced_accuracy=s["mean_distance_balanced_accuracy"],
+                    val_recall=s["recall"],
+                )
+            history.append(row)
+            # No validation split: the last epoch is the best one.
+            score = row.get("val_balanced_accuracy", float(epoch))
+            improved = score > best_score
+            if improved:
+                best_score, best_epoch, stale = score, epoch + 1, 0
+                best_val = _summary(report) if report is not None else None
+                best_state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+                save_best({"best_epoch": best_epoch, "val": best_val})
+            else:
+                stale += 1
+            log.info(
+                "epoch %d/%d: loss %.4f, %.1f img/s, val k-NN balanced acc %s%s",
+                epoch + 1, config.epochs, row["train_loss"], row["images_per_second"],
+                f"{score:.4f}" if report is not None else "n/a", " (best)" if improved else "",
+            )  # fmt: skip
+            atomic_torch_save(
+                {
+                    "epoch": epoch + 1,
+                    "encoder": encoder.state_dict(),
+                    "loss": criterion.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "history": history,
+                    "best_score": best_score,
+                    "best_epoch": best_epoch,
+                    "stale": stale,
+                    "best_val": best_val,
+                    "best_state": best_state,
+                    "config": config.to_dict(),
+                },
+                last_path,
+            )
+            if config.patience is not None and stale >= config.patience:
+                log.info("early stopping: no validation improvement for %d epochs", stale)
+                break
+    finally:
+        if bar is not None:
+            bar.stop()
+
+    # ---- final evaluation with the best weights -----------------------------------------
+    if best_state is None:  # resumed a finished run with nothing new to do
+        best_state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    encoder.load_state_dict(best_state)
+    final_split = "test" if "test" in datasets else "val"
+    test_report = validate(final_split)
+    minutes = (time.perf_counter() - started) / 60.0
+    throughput = [h["images_per_second"] for h in history]
+    metrics: dict[str, Any] = {
+        "encoder": config.encoder,
+        "loss": config.loss,
+        "device": str(device),
+        "classes": classes,
+        "splits": summarise(splits),
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "minutes": minutes,
+        "images_per_second": float(np.mean(throughput)) if throughput else None,
+        "history": history,
+        "val": best_val,
+        "evaluated_split": final_split if test_report is not None else None,
+        "test": test_report,
+    }
+    save_best({
+        "best_epoch": best_epoch, "val": best_val, "minutes": minutes,
+        "test": _summary(test_report) if test_report is not None else None,
+    })  # fmt: skip
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_plots(run_dir, history, test_report, final_split, encoder, datasets, classes, config,
+                 device, channels_last, amp_dtype)  # fmt: skip
+    if progress is not None:
+        progress(1.0)
+    if test_report is not None:
+        s = _summary(test_report)
+        log.info(
+            "%s k-NN balanced accuracy %.4f, recall %s (%.1f min)",
+            final_split, s["balanced_accuracy"],
+            {k: round(v, 3) for k, v in s["recall"].items()}, minutes,
+        )  # fmt: skip
+    return TrainResult(run_dir=run_dir, checkpoint=best_path, metrics=metrics)
+
+
+def _write_plots(
+    run_dir: Path,
+    history: list[dict[str, Any]],
+    report: Mapping[str, Any] | None,
+    split: str,
+    encoder: nn.Module,
+    datasets: Mapping[str, XrayDataset],
+    classes: list[str],
+    config: TrainConfig,
+    device: torch.device,
+    channels_last: bool,
+    amp_dtype: torch.dtype | None,
+) -> None:
+    """Loss curve, confusion matrix and PCA embedding map; a plotting failure is only logged."""
+    from training.plots import plot_confusion_matrix, plot_embedding_map, plot_history
+
+    try:
+        if history:
+            plot_history(history, run_dir / "loss_curve.png")
+        if report is not None:
+            cm = report["knn"]["confusion_matrix"]
+            plot_confusion_matrix(
+                cm["matrix"], cm["labels"], run_dir / "confusion_matrix.png",
+                title=f"k-NN on {split} (balanced acc. {report['knn']['balanced_accuracy']:.3f})",
+            )  # fmt: skip
+        shown = datasets.get(split) or datasets["train"]
+        emb = embed_tensors(
+            encoder, [shown[i][0] for i in range(len(shown))], batch_size=config.eval_batch_size,
+            device=device, channels_last=channels_last, autocast_dtype=amp_dtype,
+        )  # fmt: skip
+        plot_embedding_map(
+            emb, [classes[i] for i in shown.labels], classes, run_dir / "embedding_map.png",
+            title=f"{config.encoder} + {config.loss}: {split} embeddings (PCA)",
+        )  # fmt: skip
+    except Exception:  # plots are a convenience; never lose a trained model over one
+        log.exception("could not write plots to %s", run_dir)
