@@ -28,14 +28,15 @@ class RoleChoice(enum.StrEnum):
     admin = "admin"
 
 
-def _settings() -> Settings:
-    """Settings from the environment, with insecure production settings as a clean exit."""
+def _settings(*, json_logs: bool = False) -> Settings:
+    """Settings from the environment, with insecure production settings as a clean exit.
+    Interactive commands log human-readable lines to stderr; `serve` logs JSON (per settings)."""
     try:
         settings = get_settings()
     except InsecureSettingsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
-    configure_logging(settings.log_level, json_logs=False, stream=sys.stderr)
+    configure_logging(settings.log_level, json_logs=json_logs, stream=sys.stderr)
     return settings
 
 
@@ -68,6 +69,7 @@ def serve_command(
     from app.db.migrate import upgrade_to_head
 
     settings = _settings()
+    configure_logging(settings.log_level, json_logs=settings.log_json, stream=sys.stderr)
     # Migrate once here so N workers do not all queue on the migration lock at startup.
     if settings.auto_migrate:
         upgrade_to_head(settings.database_url)

@@ -83,6 +83,11 @@ class Settings(BaseSettings):
         self.data_dir = self.data_dir.expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'cxr.db'}"
+        # Plain postgres URLs (as PaaS and compose files write them) would pick psycopg2, which
+        # is not installed: use the psycopg 3 driver this project ships.
+        for plain in ("postgres://", "postgresql://"):
+            if self.database_url.startswith(plain):
+                self.database_url = "postgresql+psycopg://" + self.database_url[len(plain) :]
         if self.environment == "production":
             self.check_production()
         return self

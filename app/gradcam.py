@@ -19,6 +19,10 @@ temporary forward hook turns the target layer's output into an autograd leaf: th
 then runs through the small head only (pool + projection + normalise), not the whole backbone,
 and no weight gradients are allocated. That keeps an explained prediction close to the cost of
 two forward passes.
+
+`pytorch_grad_cam` is imported at module import (it pulls in torchvision, OpenCV, SciPy and
+matplotlib: seconds on a busy machine), so the service pays it at startup, not in the first
+explained request.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pytorch_grad_cam import GradCAM
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -102,8 +107,6 @@ def gradcam_heatmap(
     ``input_tensor`` is the preprocessed ``(1, 1, S, S)`` tensor; it must not be an inference
     tensor (create it outside ``torch.inference_mode``).
     """
-    from pytorch_grad_cam import GradCAM
-
     target_layer: nn.Module = model.target_layer  # type: ignore[assignment]
     result: np.ndarray | None = None
     with torch.inference_mode(False), torch.enable_grad():

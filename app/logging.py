@@ -53,7 +53,7 @@ class RequestIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
-            record.request_id = request_id_var.get()
+            record.request_id = request_id_var.get() or "-"
         return True
 
 
@@ -68,7 +68,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         request_id = getattr(record, "request_id", None) or request_id_var.get()
-        if request_id:
+        if request_id and request_id != "-":
             payload["request_id"] = request_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and key not in payload and key != "request_id":

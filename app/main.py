@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -165,6 +166,15 @@ def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidLabelError)
     async def label_error(_request: Request, exc: InvalidLabelError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(_request: Request, exc: OperationalError) -> JSONResponse:
+        logger.warning("database unavailable", extra={"error": str(exc.orig)[:200]})
+        return JSONResponse(
+            status_code=503,
+            content={"detail": "The database is unavailable or busy; retry shortly."},
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(Exception)
     async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:

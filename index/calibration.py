@@ -89,7 +89,8 @@ def knn_probabilities(
     d_min = d.min(axis=1, keepdims=True)
     with np.errstate(invalid="ignore"):
         w = np.where(valid, np.exp(-(d - d_min) / max(temperature, 1e-12)), 0.0)
-    votes = np.stack([(w * (cand_class == c)).sum(axis=1) for c in range(n_classes)], axis=1)
+    one_hot = cand_class[:, :, None] == np.arange(n_classes)[None, None, :]
+    votes = np.einsum("mk,mkc->mc", w, one_hot)
     votes = votes / np.maximum(votes.max(axis=1, keepdims=True), 1e-300)
     if power != 1.0:
         votes = votes**power

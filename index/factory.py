@@ -166,9 +166,12 @@ def tune_nprobe(
     rng = np.random.default_rng([seed, 7])
     rows = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
     queries = np.ascontiguousarray(vectors[rows])
-    scores = queries @ vectors.T
-    scores[np.arange(len(rows)), rows] = -np.inf
-    truth = keys[np.argpartition(-scores, k, axis=1)[:, :k]]
+    truth = np.empty((len(rows), k), dtype=np.int64)
+    for start in range(0, len(rows), 32):  # chunks bound the score matrix to 32 x n floats
+        part = slice(start, start + 32)
+        scores = queries[part] @ vectors.T
+        scores[np.arange(len(scores)), rows[part]] = -np.inf
+        truth[part] = keys[np.argpartition(-scores, k, axis=1)[:, :k]]
     own = keys[rows]
     nprobe = 1
     recall = 0.0

@@ -63,7 +63,15 @@ from index.persistence import read_index_file, write_index_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEVICES", "METHODS", "IndexResult", "Neighbor", "ReferenceIndex"]
+__all__ = [
+    "DEVICES",
+    "METHODS",
+    "EmptyIndexError",
+    "IndexFileError",
+    "IndexResult",
+    "Neighbor",
+    "ReferenceIndex",
+]
 
 Method = Literal["knn", "mean_distance"]
 METHODS: tuple[str, ...] = ("knn", "mean_distance")
@@ -488,29 +496,31 @@ class ReferenceIndex:
         else:
             prob = mean_distance_probabilities(raw.mean, cal.temperature_mean)
             pred = np.argmin(raw.mean, axis=1)
-        key_to_ref = _KeyMap(snap)
+        ref_ids = _reference_ids(snap, raw.nb_key, raw.nb_class)
+        pred_l = pred.tolist()
+        prob_l, mean_l, near_l = prob.tolist(), raw.mean.tolist(), raw.nearest.tolist()
+        dist_l, class_l = raw.nb_dist.tolist(), raw.nb_class.tolist()
         out: list[IndexResult] = []
-        for i in range(len(raw.nb_key)):
-            c = int(pred[i])
+        for i, c in enumerate(pred_l):
             label = labels[c]
             neighbors = [
-                Neighbor(key_to_ref.id_of(int(cc), int(key)), labels[int(cc)], float(d))
-                for key, d, cc in zip(raw.nb_key[i], raw.nb_dist[i], raw.nb_class[i], strict=True)
-                if key >= 0
+                Neighbor(rid, labels[cc], d)
+                for rid, d, cc in zip(ref_ids[i], dist_l[i], class_l[i], strict=True)
+                if cc >= 0
             ]
-            score = float(raw.nearest[i, c])
+            score = near_l[i][c]
             threshold = cal.thresholds[label]
             out.append(
                 IndexResult(
                     label=label,
-                    confidence=float(prob[i, c]),
-                    distances={lab: float(raw.mean[i, j]) for j, lab in enumerate(labels)},
-                    nearest={lab: float(raw.nearest[i, j]) for j, lab in enumerate(labels)},
+                    confidence=prob_l[i][c],
+                    distances=dict(zip(labels, mean_l[i], strict=True)),
+                    nearest=dict(zip(labels, near_l[i], strict=True)),
                     neighbors=neighbors,
                     outlier_score=score,
                     outlier_threshold=threshold,
                     unknown=bool(score > threshold),
-                    probabilities={lab: float(prob[i, j]) for j, lab in enumerate(labels)},
+                    probabilities=dict(zip(labels, prob_l[i], strict=True)),
                     method=method,
                 )
             )
@@ -786,15 +796,14 @@ class ReferenceIndex:
         return np.ascontiguousarray(x)
 
 
-class _KeyMap:
-    """Key -> reference id for one snapshot (keys are ascending within each class)."""
-
-    def __init__(self, snap: _Snapshot) -> None:
-        self._parts = snap.parts
-
-    def id_of(self, class_code: int, key: int) -> str:
-        part = self._parts[class_code]
-        return part.ids[int(np.searchsorted(part.keys, key))]
+def _reference_ids(snap: _Snapshot, keys: np.ndarray, classes: np.ndarray) -> list[list[str]]:
+    """Reference ids of neighbour keys (``""`` for padding), one vectorised lookup per class."""
+    out = np.full(keys.shape, "", dtype=object)
+    for c, part in enumerate(snap.parts):
+        mask = classes == c
+        if mask.any():
+            out[mask] = np.asarray(part.ids, dtype=object)[np.searchsorted(part.keys, keys[mask])]
+    return out.tolist()
 
 
 def _knn_candidates(raw: _Raw, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -812,24 +821,38 @@ def _knn_candidates(raw: _Raw, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def _class_stats(snap: _Snapshot) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per snapshot (cached): class sums (C, dim), squared-norm sums (C,), counts, means."""
+
+    def make() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        sums = np.stack([p.vec_sum for p in snap.parts])
+        sq = np.array([p.sq_sum for p in snap.parts])
+        counts = np.array([p.size for p in snap.parts], dtype=np.float64)
+        return sums, sq, counts, sums / counts[:, None]
+
+    return _cached(snap, "class-stats", make)
+
+
 def _mean_distances(snap: _Snapshot, q: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
-    """Root mean squared distance to each class from the float64 running sums."""
+    """Root mean squared distance to each class from the float64 running sums.
+
+    ``|q|^2 - 2 q.mean_c + mean_c(|r|^2)``: O(classes x dim) per query, whatever the class sizes.
+    """
     q64 = q.astype(np.float64)
-    sums = np.stack([p.vec_sum for p in snap.parts])  # (C, dim)
-    sq = np.array([p.sq_sum for p in snap.parts])  # (C,)
-    counts = np.array([p.size for p in snap.parts], dtype=np.float64)
+    sums, sq, counts, means = _class_stats(snap)
     qn = np.einsum("ij,ij->i", q64, q64)[:, None]
+    if exclude is None:
+        return np.sqrt(np.maximum(qn - 2.0 * (q64 @ means.T) + sq / counts, 0.0))
     qs = q64 @ sums.T  # (m, C)
-    sq_b = np.broadcast_to(sq, qs.shape).copy()
-    n_b = np.broadcast_to(counts, qs.shape).copy()
-    if exclude is not None:  # leave-one-out: take the query (a reference) out of its class
-        for c, part in enumerate(snap.parts):
-            rows = part.rows_of(exclude)
-            hit = (rows < part.size) & (part.keys[np.minimum(rows, part.size - 1)] == exclude)
-            if hit.any():
-                qs[hit, c] -= qn[hit, 0]
-                sq_b[hit, c] -= qn[hit, 0]
-                n_b[hit, c] -= 1
+    sq_b = np.tile(sq, (len(q), 1))
+    n_b = np.tile(counts, (len(q), 1))
+    for c, part in enumerate(snap.parts):  # leave-one-out: take the query out of its class
+        rows = part.rows_of(exclude)
+        hit = (rows < part.size) & (part.keys[np.minimum(rows, part.size - 1)] == exclude)
+        if hit.any():
+            qs[hit, c] -= qn[hit, 0]
+            sq_b[hit, c] -= qn[hit, 0]
+            n_b[hit, c] -= 1
     with np.errstate(divide="ignore", invalid="ignore"):
         msq = qn - 2.0 * qs / n_b + sq_b / n_b
         out = np.sqrt(np.maximum(msq, 0.0))

@@ -391,7 +391,7 @@ def load_weights(encoder: Encoder, weights: Path | str) -> tuple[list[str], list
     result = target.load_state_dict(fitted, strict=False)
     missing = list(result.missing_keys)
     unexpected = list(result.unexpected_keys)
-    if len(missing) == len(own):
+    if not any(key in own for key in fitted):
         raise EncoderWeightsError(
             f"weights file {str(path)!r} matches none of the encoder's parameters; "
             "is it for a different architecture?"

@@ -58,7 +58,7 @@ from training.preprocess import Preprocessing, train_augmentation
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "resolve_device", "train"]
+__all__ = ["TrainConfig", "TrainResult", "default_threads", "resolve_device", "train"]
 
 
 @dataclass
@@ -68,9 +68,9 @@ class TrainConfig:
 
     data: str | None = None
     out: str = "runs/train"
-    encoder: str = "resnet9_half"
+    encoder: str = "covidnet"
     loss: str = "contrastive"
-    epochs: int = 8
+    epochs: int = 10
     image_size: int = 112
     batch_size: int = 64
     embedding_dim: int = 128
@@ -85,7 +85,7 @@ class TrainConfig:
     device: str = "auto"  # 'auto' | 'cpu' | 'cuda'
     seed: int = 0
     workers: int | None = None  # DataLoader workers; None: 0 on CPU, up to 8 on CUDA
-    threads: int | None = None  # torch CPU threads; None: all cores
+    threads: int | None = None  # torch CPU threads; None: the cores that are idle right now
     weights: str | None = None  # state dict to start from (never downloaded)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -152,6 +152,21 @@ def resolve_device(device: str) -> torch.device:
             "--device cuda was requested but no CUDA GPU is available; use auto or cpu"
         )
     return torch.device(device)
+
+
+def default_threads() -> int:
+    """CPU threads for torch: the cores not already busy (1-minute load average), at least 1.
+
+    Oversubscribing a shared machine is far worse than using fewer threads: OpenMP threads
+    spin at every barrier, and on this project's loaded 2-core box two threads ran a training
+    step ~5x *slower* than one.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on every platform
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def _seed_everything(seed: int) -> None:
@@ -323,7 +338,7 @@ def train(
     _seed_everything(config.seed)
     device = resolve_device(config.device)
     on_cuda = device.type == "cuda"
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.threads or default_threads())
     workers = (
         config.workers
         if config.workers is not None

@@ -37,6 +37,7 @@ from app.state import NO_MODEL_REASON, NO_REFERENCES_REASON, ModelBundle, Servic
 from index.reference_index import METHODS, IndexResult
 from training.imaging import (
     CorruptImageError,
+    ImageError,
     ImageFormat,
     decode_image,
     deidentify_dicom,
@@ -91,7 +92,16 @@ def prepare_query(data: bytes, bundle: ModelBundle, *, max_pixels: int | None) -
         raise CorruptImageError(
             "The uploaded file is empty; send a PNG, JPEG or DICOM image as multipart 'file'."
         )
-    image = decode_image(data, max_pixels=max_pixels)
+    try:
+        image = decode_image(data, max_pixels=max_pixels)
+    except ImageError:
+        raise
+    except Exception as exc:  # a decoder bug must still be a 400 for the caller, not a 500
+        logger.warning("image decoder failed unexpectedly", exc_info=True)
+        raise CorruptImageError(
+            "The image could not be decoded (it may be truncated or damaged); export it again "
+            "as PNG, JPEG or DICOM."
+        ) from exc
     # Built outside inference_mode so Grad-CAM can reuse it with autograd.
     tensor = preprocess(image, bundle.preprocessing).unsqueeze(0)
     return PreparedQuery(image=image, tensor=tensor)

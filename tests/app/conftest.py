@@ -170,4 +170,5 @@ def make_jpeg() -> Callable[..., bytes]:
 def make_dicom() -> Callable[..., bytes]:
     return dicom_bytes
 
+
 from tests.app.conftest_predict import *  # noqa

@@ -74,10 +74,14 @@ def make_checkpoint(
 
     torch.manual_seed(0)
     encoder = create_encoder("sepconv", embedding_dim=32)
-    if constant:
-        with torch.no_grad():
+    with torch.no_grad():
+        if constant:
             encoder.head.weight.zero_()
             encoder.head.bias.fill_(bias)
+        else:
+            # Untrained features are tiny next to the head's bias; without the bias the
+            # embedding keeps the features' direction, so untrained k-NN is far above chance.
+            encoder.head.bias.zero_()
     save_checkpoint(
         path,
         encoder=encoder.eval(),
@@ -167,15 +171,3 @@ def run_worker(env: dict[str, str], log_path: Path) -> Iterator[WorkerProcess]:
     finally:
         if process.poll() is None:
             worker.kill(signal.SIGKILL)
-
-
-def wait_for_worker_ready(worker: WorkerProcess, *, timeout: float = 90.0) -> None:
-    """Wait until Celery logs that the worker is ready to consume."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.process.poll() is not None:
-            raise AssertionError(f"worker exited with {worker.process.returncode}:\n{worker.log()}")
-        if "ready." in worker.log():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"worker not ready after {timeout} s:\n{worker.log()}")

@@ -8,7 +8,7 @@ harmless answer (unknown ids, invalid bodies): the matrix tests auth, not the ha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.auth import require_role
+from app.config import Settings
 from app.db import ApiKey
+from app.main import create_app
 from app.services.keys import (
     authenticate_api_key,
     create_api_key,
@@ -86,6 +88,22 @@ def _has_route(app: FastAPI, call: Call) -> bool:
     return (call.method, call.template) in _app_routes(app)
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FastAPI, TestClient]]:
+    """One app for the whole matrix (dozens of cases; a fresh app each would cost seconds)."""
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("auth") / "var", secret_key="matrix-secret"
+    )
+    app = create_app(settings)
+    with TestClient(app) as client:
+        yield app, client
+
+
+@pytest.fixture(scope="module")
+def shared_keys(shared: tuple[FastAPI, TestClient]) -> dict[str, str]:
+    return {role: new_key(shared[0], role) for role in ROLES}
+
+
 def _send(client: TestClient, call: Call, headers: dict[str, str] | None = None) -> Any:
     return client.request(call.method, call.url, headers=headers or {}, **call.kwargs)
 
@@ -96,15 +114,18 @@ def _skip_missing(app: FastAPI, call: Call) -> None:
 
 
 @pytest.mark.parametrize("call", PUBLIC, ids=lambda c: c.id)
-def test_public_routes_need_no_key(client: TestClient, app: FastAPI, call: Call) -> None:
+def test_public_routes_need_no_key(shared: tuple[FastAPI, TestClient], call: Call) -> None:
+    app, client = shared
     _skip_missing(app, call)
     assert _send(client, call).status_code in (200, 503)
 
 
 @pytest.mark.parametrize("call", PROTECTED, ids=lambda c: c.id)
 def test_bad_credentials_are_401(
-    client: TestClient, app: FastAPI, keys: dict[str, str], call: Call
+    shared: tuple[FastAPI, TestClient], shared_keys: dict[str, str], call: Call
 ) -> None:
+    app, client = shared
+    keys = shared_keys
     _skip_missing(app, call)
     with app.state.sessionmaker() as session:
         row, revoked = create_api_key(
@@ -131,8 +152,10 @@ def test_bad_credentials_are_401(
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("call", PROTECTED, ids=lambda c: c.id)
 def test_role_matrix(
-    client: TestClient, app: FastAPI, keys: dict[str, str], call: Call, role: str
+    shared: tuple[FastAPI, TestClient], shared_keys: dict[str, str], call: Call, role: str
 ) -> None:
+    app, client = shared
+    keys = shared_keys
     _skip_missing(app, call)
     assert call.role is not None
     for headers in ({"X-API-Key": keys[role]}, {"Authorization": f"Bearer {keys[role]}"}):
@@ -172,9 +195,8 @@ def test_keys_store_only_hmac(app: FastAPI, client: TestClient) -> None:
         # another secret: the same key does not authenticate (the hash is peppered)
         other = settings.model_copy(update={"secret_key": type(settings.secret_key)("other")})
         assert authenticate_api_key(session=session, key=plaintext, settings=other) is None
-    with pytest.raises(ValueError, match="role"):
-        with app.state.sessionmaker() as session:
-            create_api_key(session=session, role="root", settings=settings)
+    with pytest.raises(ValueError, match="role"), app.state.sessionmaker() as session:
+        create_api_key(session=session, role="root", settings=settings)
 
 
 def test_revocation_takes_effect_immediately(client: TestClient, app: FastAPI) -> None:

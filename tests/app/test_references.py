@@ -332,7 +332,9 @@ def _two_apps_share(first: FastAPI, second: FastAPI) -> None:
         listed = two.get("/references", headers=key_two).json()
         assert [r["id"] for r in listed["data"]] == [made["references"][0]["id"]]
         assert two.get("/references", headers=key_one).status_code == 200  # same key table
-        assert two.delete(f"/references/{listed['data'][0]['id']}", headers=key_two).status_code == 204
+        assert (
+            two.delete(f"/references/{listed['data'][0]['id']}", headers=key_two).status_code == 204
+        )
         assert one.get("/references", headers=key_one).json()["count"] == 0
         assert index_version(first) == index_version(second) == 2
 
@@ -342,10 +344,19 @@ def test_two_apps_share_sqlite(make_settings: Callable[..., Settings]) -> None:
 
 
 @pytest.mark.services
-def test_two_apps_share_postgres(
-    make_settings: Callable[..., Settings], postgres_url: str
-) -> None:
+def test_two_apps_share_postgres(make_settings: Callable[..., Settings], postgres_url: str) -> None:
     _two_apps_share(
         create_app(make_settings(database_url=postgres_url)),
         create_app(make_settings(database_url=postgres_url)),
     )
+
+
+def test_database_down_is_503_not_500(make_settings: Callable[..., Settings]) -> None:
+    url = "postgresql+psycopg://postgres@127.0.0.1:9/nowhere?connect_timeout=2"
+    app = create_app(make_settings(database_url=url, auto_migrate=False))
+    with TestClient(app) as client:
+        response = client.get("/classes", headers={"X-API-Key": "cxr_whatever"})
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "5"
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and "database unreachable" in ready.json()["detail"]

@@ -22,13 +22,13 @@ def test_concurrent_search_sees_before_or_after_never_a_mix() -> None:
     base_labels = ["A" if i % 2 else "B" for i in range(300)]
     # each batch adds references ever closer to the query, so every state has its own answer
     batches = []
-    for j in range(12):
+    for j in range(8):
         near = l2_normalize(q + (1.0 - 0.07 * j) * rng.standard_normal((8, DIM)))
         batches.append((near, [f"b{j}-{i}" for i in range(8)], ["C"] * 8))
 
     # expected answers of every state, computed on a private index
     expected = []
-    probe = ReferenceIndex.build(base, base_ids, base_labels, device="cpu")
+    probe = ReferenceIndex.build(base, base_ids, base_labels, device="cpu", calibration_samples=100)
     states = [probe.search(q)[0]]
     for emb, ids, labels in batches:
         probe.add(emb, ids, labels)
@@ -41,7 +41,7 @@ def test_concurrent_search_sees_before_or_after_never_a_mix() -> None:
             (tuple(n.reference_id for n in s.neighbors), tuple(sorted(s.distances.items())))
         )
 
-    index = ReferenceIndex.build(base, base_ids, base_labels, device="cpu")
+    index = ReferenceIndex.build(base, base_ids, base_labels, device="cpu", calibration_samples=100)
     seen: list[tuple] = []
     errors: list[BaseException] = []
     stop = threading.Event()

@@ -207,7 +207,7 @@ def test_weighted_vote_prefers_closer_neighbours_over_count() -> None:
 
 def test_approximate_index_recall_on_clustered_data(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fx, "AUTO_SWITCH_SIZE", 1000)
-    x, _, y = clustered_embeddings(12_000, DIM, n_clusters=40, seed=11, centers_seed=11)
+    x, _, y = clustered_embeddings(8_000, DIM, n_clusters=40, seed=11, centers_seed=11)
     q, _, _ = clustered_embeddings(100, DIM, n_clusters=40, seed=12, centers_seed=11)
     ids = [f"r{i}" for i in range(len(x))]
     labels = [f"c{v}" for v in y]
@@ -227,10 +227,12 @@ def test_approximate_index_recall_on_clustered_data(monkeypatch: pytest.MonkeyPa
     for i, r in enumerate(results):
         for c, score in exact_near.items():
             assert r.nearest[c] >= np.sqrt(max(0.0, 2 - 2 * score[i])) - 1e-5
-    # incremental add/remove keep the IVF (no retrain) and stay consistent
+    # incremental add/remove keep the trained IVF and its tuned nprobe, and stay consistent
+    tuned = index.describe()
     index.remove(ids[:50])
     index.add(x[:50], [f"again{i}" for i in range(50)], labels[:50])
-    assert len(index) == len(x)
+    assert len(index) == len(x) and index.describe() == tuned
+    assert index.search(x[0], k=1)[0].neighbors[0].reference_id == "again0"
 
 
 def test_auto_switch_hysteresis() -> None:

@@ -1,0 +1,394 @@
+"""Retraining jobs without a broker: the in-process runner, the HTTP contract (202/409/422/404),
+the one-at-a-time rule (also under concurrent submitters on PostgreSQL), the reaper, and the
+retrain task's building blocks. Worker (Celery) tests are in test_worker.py."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.config import Settings
+from app.db import Embedding, Job, Model, Reference, utcnow
+from app.jobs.heartbeat import reap_stale_jobs
+from app.jobs.options import JobOptions
+from app.jobs.tasks import RefSnapshot, knn_balanced_accuracy, run_retrain, split_for_validation
+from app.services.jobs import JobConflictError, submit_retrain
+from tests.app.jobs_helpers import (
+    LABELS,
+    TINY,
+    enroll,
+    make_checkpoint,
+    predict_version,
+    wait_for_job,
+)
+
+
+class StubRunner:
+    """A runner that records hand-overs and runs nothing (the job stays queued)."""
+
+    name = "stub"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.submitted: list[str] = []
+        self.fail = fail
+
+    def submit(self, job_id: str) -> None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.submitted.append(job_id)
+
+    def shutdown(self, *, wait: bool = False) -> None:
+        pass
+
+
+def register(app: FastAPI, path: Path, *, activate: bool) -> str:
+    from app.services.models import register_model
+
+    with app.state.sessionmaker() as session:
+        row = register_model(
+            session=session,
+            checkpoint=path,
+            settings=app.state.settings,
+            activate=activate,
+            source="test",
+        )
+        return row.version
+
+
+def active_version(app: FastAPI) -> str | None:
+    with app.state.sessionmaker() as session:
+        return session.execute(select(Model.version).where(Model.active.is_(True))).scalar()
+
+
+# -- building blocks --------------------------------------------------------------------------
+
+
+def _refs(counts: dict[str, int], *, duplicate: bool = False) -> list[RefSnapshot]:
+    refs = []
+    for label, n in counts.items():
+        for i in range(n):
+            digest = f"{label}-{i // 2 if duplicate else i}"
+            refs.append(RefSnapshot(id=f"{label}{i}", label=label, sha256=digest, path=Path("x")))
+    return refs
+
+
+def test_split_is_stratified_grouped_by_hash_and_keeps_every_class_in_train() -> None:
+    refs = _refs({"A": 10, "B": 5, "C": 1})
+    split = split_for_validation(refs, val_fraction=0.2, seed=0)
+    val = [r.label for r in split.val]
+    assert val.count("A") == 2 and val.count("B") == 1 and val.count("C") == 0
+    assert {r.label for r in split.train} == {"A", "B", "C"}
+    assert split == split_for_validation(refs, val_fraction=0.2, seed=0)  # deterministic
+    # Identical images (same hash) never straddle train and validation.
+    grouped = split_for_validation(_refs({"A": 8, "B": 8}, duplicate=True), seed=3)
+    assert not {r.sha256 for r in grouped.train} & {r.sha256 for r in grouped.val}
+    # A class of two keeps one in train.
+    two = split_for_validation(_refs({"A": 2, "B": 2}), val_fraction=0.9, seed=0)
+    assert sorted(r.label for r in two.train) == ["A", "B"]
+
+
+def test_knn_balanced_accuracy_weights_every_class_equally() -> None:
+    refs = _refs({"A": 2, "B": 2})
+    ref_emb = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
+    queries = _refs({"A": 3, "B": 1})
+    # Every A query is right, the single B query is wrong: balanced accuracy 0.5.
+    query_emb = np.array([[1, 0], [1, 0], [1, 0], [1, 0]], dtype=np.float32)
+    assert knn_balanced_accuracy(ref_emb, refs, query_emb, queries, k=3) == pytest.approx(0.5)
+    constant = np.ones((4, 2), dtype=np.float32) / np.sqrt(2)
+    assert knn_balanced_accuracy(constant, refs, constant, queries, k=3) == pytest.approx(0.5)
+
+
+def test_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_JOBS_QUEUE", "q1")
+    monkeypatch.setenv("CXR_JOB_STALE_AFTER_S", "7")
+    monkeypatch.setenv("CXR_JOB_HEARTBEAT_S", "1")
+    options = JobOptions.from_settings(None)
+    assert (options.queue, options.stale_after_s, options.heartbeat_s) == ("q1", 7.0, 1.0)
+    monkeypatch.setenv("CXR_JOB_HEARTBEAT_S", "9")
+    with pytest.raises(ValueError, match="CXR_JOB_STALE_AFTER_S must be larger"):
+        JobOptions.from_settings(None)
+
+
+# -- HTTP contract ----------------------------------------------------------------------------
+
+
+def test_retrain_http_contract_and_one_at_a_time(
+    app: FastAPI, client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    runner = StubRunner()
+    app.state.job_runner = runner  # the lifespan's runner, swapped for one that runs nothing
+    admin = headers["admin"]
+
+    assert client.post("/admin/retrain", headers=headers["clinician"]).status_code == 403
+    bad = client.post("/admin/retrain", headers=admin, json={"encoder": "nope"})
+    assert bad.status_code == 422
+    assert "sepconv" in bad.json()["detail"] and "resnet9_half" in bad.json()["detail"]
+    bad_loss = client.post("/admin/retrain", headers=admin, json={"loss": "nope"})
+    assert bad_loss.status_code == 422 and "contrastive" in bad_loss.json()["detail"]
+    assert client.post("/admin/retrain", headers=admin, json={"epochs": 0}).status_code == 422
+    assert client.post("/admin/retrain", headers=admin, json={"lr": 1}).status_code == 422
+
+    first = client.post("/admin/retrain", headers=admin, json={"epochs": 2})
+    assert first.status_code == 202, first.text
+    job_id = first.json()["job_id"]
+    assert runner.submitted == [job_id]
+    second = client.post("/admin/retrain", headers=admin)  # no body: defaults
+    assert second.status_code == 409
+    assert job_id in second.json()["detail"]
+
+    body = client.get(f"/jobs/{job_id}", headers=admin).json()
+    assert {k: body[k] for k in ("id", "kind", "status", "progress", "model_version")} == {
+        "id": job_id,
+        "kind": "retrain",
+        "status": "queued",
+        "progress": 0.0,
+        "model_version": None,
+    }
+    assert body["params"] == {"epochs": 2} and body["error"] is None and "metrics" in body
+    assert client.get(f"/jobs/{job_id}", headers=headers["reader"]).status_code == 403
+    missing = client.get("/jobs/nope", headers=admin)
+    assert missing.status_code == 404 and "POST /admin/retrain" in missing.json()["detail"]
+    assert [j["id"] for j in client.get("/jobs", headers=admin).json()] == [job_id]
+
+
+def test_unreachable_runner_fails_the_job_and_frees_the_slot(
+    app: FastAPI, client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    app.state.job_runner = StubRunner(fail=True)
+    response = client.post("/admin/retrain", headers=headers["admin"])
+    assert response.status_code == 503
+    assert "CXR_BROKER_URL" in response.json()["detail"]
+    with app.state.sessionmaker() as session:
+        job = session.execute(select(Job)).scalar_one()
+        assert job.status == "failed" and "broker down" in (job.error or "")
+    app.state.job_runner = StubRunner()
+    assert client.post("/admin/retrain", headers=headers["admin"]).status_code == 202
+
+
+def test_concurrent_submitters_on_postgres_admit_exactly_one(
+    postgres_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    from app.db.migrate import upgrade_to_head
+    from app.db.session import create_db_engine, create_sessionmaker
+
+    settings = make_settings(database_url=postgres_url)
+    upgrade_to_head(postgres_url)
+    engine = create_db_engine(postgres_url)
+    factory = create_sessionmaker(engine)
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def submit() -> None:
+        with factory() as session:
+            barrier.wait()
+            try:
+                submit_retrain(session=session, settings=settings, params={}, runner=StubRunner())
+                outcomes.append("accepted")
+            except JobConflictError:
+                outcomes.append("conflict")
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    try:
+        assert sorted(outcomes) == ["accepted", "conflict", "conflict", "conflict"]
+        with factory() as session:
+            assert len(session.execute(select(Job)).scalars().all()) == 1
+    finally:
+        engine.dispose()
+
+
+# -- reaper -----------------------------------------------------------------------------------
+
+
+def test_reaper_fails_silent_jobs_and_republishes_lost_queued_ones(
+    app: FastAPI,
+    client: TestClient,
+    headers: dict[str, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app.state.job_runner = StubRunner()
+    now = utcnow()
+    old = now - timedelta(minutes=10)
+    with app.state.sessionmaker() as session:
+        session.add_all(
+            [
+                Job(
+                    id="dead",
+                    kind="retrain",
+                    status="running",
+                    created_at=old,
+                    started_at=old,
+                    heartbeat_at=old,
+                    worker="w:1",
+                ),
+                Job(
+                    id="alive",
+                    kind="retrain",
+                    status="running",
+                    created_at=old,
+                    started_at=old,
+                    heartbeat_at=now,
+                    worker="w:2",
+                ),
+                Job(id="lost", kind="retrain", status="queued", created_at=old, heartbeat_at=old),
+                Job(
+                    id="ancient",
+                    kind="retrain",
+                    status="queued",
+                    created_at=now - timedelta(days=3),
+                    heartbeat_at=old,
+                ),
+            ]
+        )
+        session.commit()
+    republished: list[str] = []
+    result = reap_stale_jobs(
+        app.state.sessionmaker,
+        options=JobOptions(stale_after_s=60, requeue_after_s=60, queued_max_age_s=86_400),
+        republish=republished.append,
+        work_root=app.state.settings.data_dir / "jobs",
+    )
+    assert sorted(result.failed) == ["ancient", "dead"]
+    assert republished == result.republished == ["lost"]
+    with app.state.sessionmaker() as session:
+        jobs = {j.id: j for j in session.execute(select(Job)).scalars()}
+    assert jobs["dead"].status == "failed" and "stopped sending heartbeats" in jobs["dead"].error
+    assert "POST /admin/retrain" in jobs["dead"].error
+    assert jobs["ancient"].status == "failed" and "cxr worker" in jobs["ancient"].error
+    assert jobs["alive"].status == "running"
+    assert jobs["lost"].status == "queued" and jobs["lost"].heartbeat_at > old
+    # A second pass right after does not publish the same job again.
+    again = reap_stale_jobs(app.state.sessionmaker, options=JobOptions(), republish=print)
+    assert again.republished == [] and again.failed == []
+
+    # GET /jobs/{id} reaps lazily: the alive job's worker goes silent, the API notices at once.
+    monkeypatch.setenv("CXR_JOB_STALE_AFTER_S", "0.5")
+    monkeypatch.setenv("CXR_JOB_HEARTBEAT_S", "0.1")
+    with app.state.sessionmaker() as session:
+        session.get(Job, "alive").heartbeat_at = now - timedelta(seconds=5)  # type: ignore[union-attr]
+        session.commit()
+    body = client.get("/jobs/alive", headers=headers["admin"]).json()
+    assert body["status"] == "failed" and "w:2" in body["error"]
+
+
+def test_duplicate_delivery_of_a_finished_job_does_nothing(
+    app: FastAPI, client: TestClient
+) -> None:
+    with app.state.sessionmaker() as session:
+        session.add(Job(id="done", kind="retrain", status="succeeded", progress=1.0))
+        session.commit()
+    run_retrain("done", settings=app.state.settings, factory=app.state.sessionmaker)
+    run_retrain("does-not-exist", settings=app.state.settings, factory=app.state.sessionmaker)
+    with app.state.sessionmaker() as session:
+        job = session.get(Job, "done")
+        assert job is not None and job.status == "succeeded" and job.started_at is None
+
+
+# -- the in-process runner, end to end --------------------------------------------------------
+
+
+def test_in_process_retrain_activates_hot_swaps_and_rolls_back(
+    app: FastAPI, client: TestClient, headers: dict[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """No broker: the API's own thread trains on the enrolled references; the new version is
+    activated (there was no active model), predictions switch to it without a restart, and an
+    older version can be re-activated (rollback)."""
+    admin = headers["admin"]
+    n_refs = enroll(client, headers["clinician"], per_class=6)
+    baseline = register(app, make_checkpoint(tmp_path / "base.pt"), activate=False)
+
+    response = client.post("/admin/retrain", headers=admin, json=TINY)
+    assert response.status_code == 202, response.text
+    job = wait_for_job(client, admin, response.json()["job_id"], timeout=240)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["progress"] == 1.0
+    version = job["model_version"]
+    assert version and version != baseline
+    metrics = job["metrics"]
+    assert metrics["activated"] is True and metrics["decision"] == "no active model"
+    assert metrics["n_train"] + metrics["n_val"] == n_refs and metrics["n_val"] == len(LABELS)
+    assert 0.0 <= metrics["validation"]["new"] <= 1.0
+    assert set(metrics["classes"]) == set(LABELS)
+
+    models = {m["version"]: m for m in client.get("/models", headers=admin).json()}
+    assert models[version]["active"] is True and models[baseline]["active"] is False
+    with app.state.sessionmaker() as session:
+        row = session.get(Model, version)
+        assert row is not None and row.source == "retrain"
+        assert (app.state.settings.data_dir / row.file_path).is_file()
+        stored = session.execute(
+            select(Embedding.reference_id).where(Embedding.model_version == version)
+        ).all()
+        assert len(stored) == session.query(Reference).count() == n_refs
+    assert not (app.state.settings.data_dir / "jobs" / job["id"]).exists()  # scratch removed
+    assert predict_version(client, headers["reader"]) == version
+
+    rollback = client.post(f"/admin/models/{baseline}/activate", headers=admin)
+    assert rollback.status_code == 200, rollback.text
+    assert predict_version(client, headers["reader"]) == baseline
+
+
+@pytest.mark.parametrize("outcome", ["tie", "beats"])
+def test_activation_decision_compares_with_the_active_model_on_the_same_split(
+    outcome: str,
+    app: FastAPI,
+    client: TestClient,
+    headers: dict[str, dict[str, str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Training is replaced by a stand-in that writes a constant-embedding checkpoint. "tie":
+    the real metric scores it and the (also constant) active model exactly 1/3 on the same
+    split; a tie is no improvement, so it stays a candidate an admin can promote. "beats": the
+    metric is stubbed to favour the new model, which is then activated by the job itself."""
+    import app.jobs.tasks as tasks
+    import training.train as training_train
+
+    def fake_train(config: Any, *, samples: Any = None, progress: Any = None) -> Any:
+        assert set(samples) == {"train", "val"} and samples["val"]
+        assert all(s.patient_id is None and s.path.is_file() for s in samples["train"])
+        progress(0.5)
+        out = Path(config.out)
+        checkpoint = make_checkpoint(out / "encoder.pt", constant=True, bias=2.0)
+        return training_train.TrainResult(run_dir=out, checkpoint=checkpoint, metrics={})
+
+    monkeypatch.setattr(training_train, "train", fake_train)
+    if outcome == "beats":
+        scores = iter([0.9, 0.2])  # new model first, then the active one
+        monkeypatch.setattr(tasks, "knn_balanced_accuracy", lambda *a, **k: next(scores))
+    active = register(app, make_checkpoint(tmp_path / "a.pt", constant=True), activate=True)
+    enroll(client, headers["clinician"], per_class=4)
+
+    job_id = client.post("/admin/retrain", headers=headers["admin"]).json()["job_id"]
+    job = wait_for_job(client, headers["admin"], job_id, timeout=120)
+    assert job["status"] == "succeeded", job["error"]
+    candidate = job["model_version"]
+    validation = job["metrics"]["validation"]
+    assert validation["active_version"] == active
+    listed = client.get("/models", headers=headers["admin"]).json()
+    models = {m["version"]: m["active"] for m in listed}
+    if outcome == "tie":
+        assert validation["new"] == pytest.approx(1 / 3) == validation["active"]
+        assert job["metrics"]["activated"] is False
+        assert "kept as a candidate" in job["metrics"]["decision"]
+        assert models == {active: True, candidate: False}
+        promoted = client.post(f"/admin/models/{candidate}/activate", headers=headers["admin"])
+        assert promoted.status_code == 200 and active_version(app) == candidate
+    else:
+        assert (validation["new"], validation["active"]) == (0.9, 0.2)
+        assert job["metrics"]["activated"] is True
+        assert job["metrics"]["decision"].startswith(f"beats {active}")
+        assert models == {active: False, candidate: True}
+        assert predict_version(client, headers["reader"]) == candidate

@@ -1,0 +1,110 @@
+"""Encoders: every name builds, gives unit-norm embeddings, works channels_last, loads weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.encoders import EncoderWeightsError, create_encoder, list_encoders
+
+ALL = list_encoders()
+
+
+def test_registry_names() -> None:
+    assert set(ALL) >= {
+        "resnet9",
+        "resnet9_half",
+        "covidnet",
+        "sepconv",
+        "resnet18",
+        "resnet50",
+        "densenet121",
+    }
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_encoder_gives_unit_norm_embeddings(name: str) -> None:
+    torch.manual_seed(0)
+    encoder = create_encoder(name, embedding_dim=24).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        y = encoder(x)
+        y_cl = encoder.to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last)
+        )
+    assert y.shape == (2, 24)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(y_cl, y, atol=1e-4, rtol=1e-4)
+    # Grad-CAM hooks the last conv block: it must be a module inside the backbone.
+    assert any(m is encoder.target_layer for m in encoder.backbone.modules())
+
+
+def test_target_layer_is_not_duplicated_in_state_dict() -> None:
+    encoder = create_encoder("resnet9_half")
+    assert not any(k.startswith("target_layer") for k in encoder.state_dict())
+
+
+def test_unknown_encoder_lists_known_names() -> None:
+    with pytest.raises(ValueError, match="unknown encoder 'vgg'") as info:
+        create_encoder("vgg")
+    for name in ALL:
+        assert name in str(info.value)
+
+
+def test_weights_round_trip_whole_encoder(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = create_encoder("sepconv", embedding_dim=16).eval()
+    path = tmp_path / "enc.pt"
+    torch.save(source.state_dict(), path)
+    loaded = create_encoder("sepconv", embedding_dim=16, weights=path).eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x))
+
+
+def test_rgb_backbone_weights_are_summed_to_one_channel(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A torchvision-style (3-channel, 1000-class fc) state dict loads into the grey backbone."""
+    import torchvision
+
+    rgb = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(rgb.state_dict(), path)
+    with caplog.at_level(logging.INFO, logger="training.encoders"):
+        encoder = create_encoder("resnet18", weights=path)
+    summed = rgb.conv1.weight.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(encoder.backbone.conv1.weight, summed)
+    torch.testing.assert_close(encoder.backbone.layer4[1].bn2.weight, rgb.layer4[1].bn2.weight)
+    # The 1000-class fc has no place in the encoder: reported, not silently dropped.
+    assert "fc.weight" in caplog.text and "unexpected" in caplog.text
+
+
+def test_grey_input_equals_rgb_network_on_replicated_grey(tmp_path: Path) -> None:
+    """Summing first-conv weights = running the RGB stem on a grey image copied to 3 channels."""
+    import torchvision
+
+    rgb = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "w.pth"
+    torch.save(rgb.state_dict(), path)
+    grey = create_encoder("resnet18", weights=path).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(grey.backbone.conv1(x), rgb.conv1(x.repeat(1, 3, 1, 1)))
+
+
+def test_bad_weights_path_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EncoderWeightsError, match="does not exist"):
+        create_encoder("sepconv", weights=tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(EncoderWeightsError, match="cannot read weights"):
+        create_encoder("sepconv", weights=junk)
+    other = tmp_path / "other.pt"
+    torch.save({"foo.weight": torch.zeros(3)}, other)
+    with pytest.raises(EncoderWeightsError, match="matches none"):
+        create_encoder("sepconv", weights=other)

@@ -1,0 +1,251 @@
+"""Typer commands of the training package: ``cxr train``, ``cxr evaluate``, ``cxr bench train``.
+
+``app/cli.py`` registers these functions; they live here because ``training/`` never imports
+``app/``. User errors (missing data, unknown encoder, bad checkpoint) end with one clear message
+on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from training.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["bench_train_command", "evaluate_command", "train_command"]
+
+_DEFAULTS = TrainConfig()
+_console = Console()
+_err = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    """INFO logs of the training package on stderr (once), unless the host already set up logging."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    level = logging.DEBUG if verbose else logging.INFO
+    for name in ("training", "__main__"):
+        logging.getLogger(name).setLevel(level)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix into one message and exit status 2."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _err.print("[red]interrupted[/red]")
+        raise typer.Exit(130) from None
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    except (ValueError, OSError) as exc:  # DataSourceError, ImageError, CheckpointError, ...
+        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _report_tables(report: dict[str, Any], title: str) -> list[Table]:
+    summary = Table(title=title)
+    for col in ("method", "accuracy", "balanced acc.", "macro F1", "AUC (OvR)"):
+        summary.add_column(col, justify="right" if col != "method" else "left")
+    for method in ("knn", "mean_distance"):
+        r = report[method]
+        summary.add_row(
+            method, _fmt(r["accuracy"]), _fmt(r["balanced_accuracy"]), _fmt(r["macro_f1"]),
+            _fmt(r["auc_ovr"]),
+        )  # fmt: skip
+    nw = report.get("n_way") or {}
+    if nw:
+        summary.caption = (
+            f"{nw.get('n')}-way {nw.get('k_shot')}-shot accuracy over {nw.get('episodes')} "
+            f"episodes: {_fmt(nw.get('accuracy'))}"
+        )
+    per_class = Table(title="per class (k-NN / mean distance)")
+    for col in ("class", "support", "k-NN precision", "k-NN recall", "mean-dist. recall"):
+        per_class.add_column(col, justify="right" if col != "class" else "left")
+    for name, pc in report["knn"]["per_class"].items():
+        md = report["mean_distance"]["per_class"][name]
+        per_class.add_row(
+            name, str(pc["support"]), _fmt(pc["precision"]), _fmt(pc["recall"]), _fmt(md["recall"])
+        )
+    return [summary, per_class]
+
+
+def train_command(
+    data: Path = typer.Option(..., "--data", help="Image folder, CSV manifest, CoronaHack or COVID-19 collection folder."),
+    out: Path = typer.Option(..., "--out", help="Run directory (encoder.pt, metrics.json, config.json, plots)."),
+    encoder: str = typer.Option(_DEFAULTS.encoder, help="Encoder architecture (resnet9, resnet9_half, covidnet, sepconv, resnet18, resnet50, densenet121)."),
+    loss: str = typer.Option(_DEFAULTS.loss, help="contrastive, triplet, pair or classifier (baseline)."),
+    epochs: int = typer.Option(_DEFAULTS.epochs, min=1, help="Maximum epochs (early stopping may end sooner)."),
+    image_size: int = typer.Option(_DEFAULTS.image_size, min=8, help="Images are resized to SIZE x SIZE."),
+    batch_size: int = typer.Option(_DEFAULTS.batch_size, min=2, help="Batch size (class-balanced batches)."),
+    device: str = typer.Option(_DEFAULTS.device, help="auto, cpu or cuda (bf16 autocast + channels_last on CUDA)."),
+    seed: int = typer.Option(_DEFAULTS.seed, help="Random seed (splits, sampling, initialisation)."),
+    weights: Path | None = typer.Option(None, "--weights", help="Start from this state dict file (never downloaded)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
+    lr: float = typer.Option(_DEFAULTS.lr, help="Peak learning rate (AdamW)."),
+    patience: int = typer.Option(_DEFAULTS.patience or 0, help="Early-stopping patience in epochs (0: never stop early)."),
+    workers: int | None = typer.Option(None, help="DataLoader workers (default: 0 on CPU, up to 8 on CUDA)."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch (default: the idle cores)."),
+    progress_bar: bool | None = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:  # fmt: skip
+    """Train a siamese (metric-learning) encoder and write RUN_DIR/encoder.pt, metrics and plots."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from training.train import train
+
+        config = TrainConfig(
+            data=str(data), out=str(out), encoder=encoder, loss=loss, epochs=epochs,
+            image_size=image_size, batch_size=batch_size, device=device, seed=seed,
+            weights=str(weights) if weights else None, resume=resume, lr=lr,
+            patience=patience or None, workers=workers, threads=threads, progress_bar=progress_bar,
+        )  # fmt: skip
+        config.validate()
+        if not data.exists():
+            raise FileNotFoundError(f"--data {data} does not exist")
+        if weights is not None and not weights.is_file():
+            raise FileNotFoundError(f"--weights {weights} does not exist")
+        result = train(config)
+    test = result.metrics.get("test")
+    if test is not None:
+        split = result.metrics.get("evaluated_split")
+        for table in _report_tables(test, f"{encoder} + {loss}: {split} split"):
+            _console.print(table)
+    _console.print(
+        f"wrote {result.checkpoint} (best epoch {result.metrics['best_epoch']}, "
+        f"{result.metrics['minutes']:.1f} min) and metrics, config, plots in {result.run_dir}",
+        highlight=False,
+    )
+
+
+def evaluate_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="encoder.pt written by `cxr train`."),
+    data: Path = typer.Option(..., "--data", help="Data source (as for `cxr train`)."),
+    split: str = typer.Option("test", help="Query split: train, val or test (references: train)."),
+    out: Path | None = typer.Option(None, "--out", help="Report JSON (default: next to the checkpoint)."),
+    k: int = typer.Option(5, min=1, help="Neighbours for the k-NN vote."),
+    n_way: int | None = typer.Option(None, help="Classes per few-shot episode (default: all)."),
+    k_shot: int = typer.Option(1, min=1, help="Support images per class per episode."),
+    episodes: int = typer.Option(1000, min=0, help="Few-shot episodes."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(64, min=1, help="Embedding batch size."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:  # fmt: skip
+    """Evaluate a checkpoint: references = train split, queries = --split; table + JSON report."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from training.checkpoint import load_checkpoint
+        from training.data import load_source, split_samples
+        from training.evaluate import embed_samples, evaluate_embeddings
+        from training.train import resolve_device
+
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"--split must be train, val or test, got {split!r}")
+        dev = resolve_device(device)
+        loaded = load_checkpoint(checkpoint, map_location=dev)
+        # Same split as training: the fractions and seed recorded in the checkpoint.
+        cfg = loaded.config
+        splits = split_samples(
+            load_source(data),
+            val_fraction=float(cfg.get("val_fraction", _DEFAULTS.val_fraction)),
+            test_fraction=float(cfg.get("test_fraction", _DEFAULTS.test_fraction)),
+            seed=int(cfg.get("seed", _DEFAULTS.seed)),
+        )
+        if not splits[split]:
+            raise ValueError(f"the {split} split of {data} is empty; choose another --split")
+        spec = loaded.preprocessing
+        ref_emb, ref_labels = embed_samples(
+            loaded.encoder, splits["train"], spec, batch_size=batch_size, device=dev
+        )
+        q_emb, q_labels = embed_samples(
+            loaded.encoder, splits[split], spec, batch_size=batch_size, device=dev
+        )
+        classes = sorted(set(loaded.classes) | set(ref_labels) | set(q_labels))
+        report = evaluate_embeddings(
+            ref_emb, ref_labels, q_emb, q_labels, classes=classes, k=k, n_way=n_way,
+            k_shot=k_shot, episodes=episodes, seed=int(cfg.get("seed", 0)),
+        )  # fmt: skip
+        report = {
+            "checkpoint": str(checkpoint), "data": str(data), "split": split,
+            "encoder": loaded.encoder_name, **report,
+        }  # fmt: skip
+        target = out or checkpoint.with_name(f"evaluate_{split}.json")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(report, indent=2))
+    for table in _report_tables(report, f"{loaded.encoder_name}: {split} split vs train references"):
+        _console.print(table)
+    _console.print(f"wrote {target}", highlight=False)
+
+
+def bench_train_command(
+    data: Path = typer.Option(..., "--data", help="Data source with train/val/test splits (e.g. cxr4)."),
+    combos: str = typer.Option(
+        "covidnet:contrastive,covidnet:triplet,resnet9_half:contrastive,resnet18:contrastive,covidnet:classifier",
+        help="Comma-separated ENCODER:LOSS[:key=value...] combinations.",
+    ),
+    epochs: int | None = typer.Option(None, min=1, help="Epochs for every combo (default: TrainConfig's)."),
+    image_size: int = typer.Option(_DEFAULTS.image_size, min=8, help="Image size for every combo."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, help="Seed shared by every combo."),
+    out: Path = typer.Option(Path("runs/bench/train.json"), "--out", help="JSON rows."),
+    runs_dir: Path | None = typer.Option(None, help="Run directories (default: next to --out)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:  # fmt: skip
+    """Train each ENCODER:LOSS combination on one split and compare them on the test split."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from training.bench import parse_combos, run_train_bench
+
+        parsed = parse_combos(combos)
+        if not data.exists():
+            raise FileNotFoundError(f"--data {data} does not exist")
+        base = TrainConfig(
+            data=str(data), image_size=image_size, device=device, seed=seed,
+            epochs=epochs or _DEFAULTS.epochs, progress_bar=False,
+        )  # fmt: skip
+        base.validate()
+        show: Callable[[dict[str, Any]], None] = lambda row: _console.print(  # noqa: E731
+            f"{row['encoder']}:{row['loss']}: balanced acc. {_fmt(row['balanced_accuracy'])}, "
+            f"COVID-19 recall {_fmt(row['covid_recall'])}, {row['minutes']:.1f} min",
+            highlight=False,
+        )
+        rows = run_train_bench(
+            base, parsed, runs_dir=runs_dir or out.with_suffix(""), out=out, on_row=show
+        )
+    table = Table(title=f"cxr bench train ({data})")
+    for col in ("encoder", "loss", "minutes", "balanced acc.", "COVID-19 recall", "accuracy",
+                "mean-dist. bal. acc.", "img/s"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("encoder", "loss") else "right")
+    for r in rows:
+        table.add_row(
+            r["encoder"] + "".join(f" {k}={v}" for k, v in r["overrides"].items()), r["loss"],
+            _fmt(r["minutes"]), _fmt(r["balanced_accuracy"]), _fmt(r["covid_recall"]),
+            _fmt(r["accuracy"]), _fmt(r["mean_distance_balanced_accuracy"]),
+            _fmt(r["images_per_second"]),
+        )  # fmt: skip
+    _console.print(table)
+    _console.print(f"wrote {out}", highlight=False)
