@@ -18,7 +18,9 @@ Automatic choice (``factory="auto"``), per class sub-index of ``n`` references:
   deleted by clinicians; HNSW would need a full rebuild on every delete) and trains in seconds
   to minutes where HNSW construction of 1M vectors takes far longer on one core. The index is
   switched back to flat below ``AUTO_SWITCH_SIZE // 2`` (hysteresis) and retrained when its size
-  leaves ``[trained / 4, trained * 4]``.
+  leaves ``[trained / 4, trained * 4]``. If the tuned ``nprobe`` exceeds ``MAX_SCAN_FRACTION``
+  of the lists (data without cluster structure, e.g. uniform random vectors), IVF would cost as
+  much as an exact scan, so the class stays exact (retried when it has grown 4x).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
 ]
 
 AUTO_SWITCH_SIZE = 20_000
+MAX_SCAN_FRACTION = 0.25  # auto mode: an IVF that must probe more lists than this stays exact
 EXACT_FACTORY = "IDMap2,Flat"
 _IVF_RE = re.compile(r"IVF(\d+)")
 _gpu_lock = threading.Lock()
@@ -220,6 +223,12 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     ivf = _as_ivf(index)
     if ivf is not None and nprobe > 0:
         ivf.nprobe = int(nprobe)
+
+
+def scan_fraction(index: faiss.Index) -> float:
+    """``nprobe / nlist`` of an IVF index (the share of lists a search scans), 0 for others."""
+    ivf = _as_ivf(index)
+    return float(ivf.nprobe) / float(ivf.nlist) if ivf is not None else 0.0
 
 
 def get_nprobe(index: faiss.Index) -> int:

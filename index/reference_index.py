@@ -123,6 +123,7 @@ class _ClassPart:
     trained_size: int
     vec_sum: np.ndarray  # (dim,) float64
     sq_sum: float
+    ivf_rejected: bool = False  # auto mode found IVF no faster than exact at trained_size
 
     @property
     def size(self) -> int:
@@ -142,7 +143,7 @@ class _Snapshot:
     lookup: dict[str, tuple[str, int]]  # reference id -> (label, key)
     next_key: int
     cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -358,6 +359,8 @@ class ReferenceIndex:
         return self.factory
 
     def _needs_rebuild(self, part: _ClassPart, n: int, wanted: str) -> bool:
+        if part.ivf_rejected and not fx.is_exact(wanted):
+            return n > part.trained_size * 4  # retry IVF only once the class has grown 4x
         if wanted != part.factory:
             return True
         if fx.is_exact(wanted) or self.factory != "auto":
@@ -377,6 +380,18 @@ class ReferenceIndex:
         index = fx.build_index(
             factory, vectors, keys, target_recall=self.target_recall, seed=self.seed
         )
+        rejected = False
+        if self.factory == "auto" and fx.scan_fraction(index) > fx.MAX_SCAN_FRACTION:
+            # no cluster structure: reaching the target recall needs most lists, so an IVF
+            # scan costs as much as an exact one (and batches lose BLAS): stay exact
+            log.info(
+                "class %r: IVF needs nprobe/nlist=%.2f for recall %.2f; using exact search",
+                label,
+                fx.scan_fraction(index),
+                self.target_recall,
+            )
+            factory, rejected = fx.EXACT_FACTORY, True
+            index = fx.build_index(factory, vectors, keys)
         vectors.setflags(write=False)
         v64 = vectors.astype(np.float64)
         return _ClassPart(
@@ -389,6 +404,7 @@ class ReferenceIndex:
             trained_size=len(vectors),
             vec_sum=v64.sum(axis=0),
             sq_sum=float(np.einsum("ij,ij->", v64, v64)),
+            ivf_rejected=rejected,
         )
 
     def _grow(
@@ -418,6 +434,7 @@ class ReferenceIndex:
             trained_size=part.trained_size,
             vec_sum=part.vec_sum + x64.sum(axis=0),
             sq_sum=part.sq_sum + float(np.einsum("ij,ij->", x64, x64)),
+            ivf_rejected=part.ivf_rejected,
         )
 
     def _shrink(self, part: _ClassPart, keys: np.ndarray) -> _ClassPart | None:
@@ -447,6 +464,7 @@ class ReferenceIndex:
             trained_size=part.trained_size,
             vec_sum=part.vec_sum - gone.sum(axis=0),
             sq_sum=part.sq_sum - float(np.einsum("ij,ij->", gone, gone)),
+            ivf_rejected=part.ivf_rejected,
         )
 
     # ----------------------------------------------------------------------------- queries
@@ -717,6 +735,7 @@ class ReferenceIndex:
                     "ids": list(p.ids),
                     "factory": p.factory,
                     "trained_size": p.trained_size,
+                    "ivf_rejected": p.ivf_rejected,
                     "sq_sum": p.sq_sum,
                 }
                 for p in snap.parts
@@ -756,6 +775,7 @@ class ReferenceIndex:
                     trained_size=int(pm["trained_size"]),
                     vec_sum=arrays[f"vec_sum/{i}"],
                     sq_sum=float(pm["sq_sum"]),
+                    ivf_rejected=bool(pm.get("ivf_rejected", False)),
                 )
                 if not (len(part.ids) == len(keys) == len(vectors) == part.index.ntotal):
                     raise ValueError(f"class {part.label!r} has inconsistent sizes")
@@ -798,11 +818,14 @@ class ReferenceIndex:
 
 def _reference_ids(snap: _Snapshot, keys: np.ndarray, classes: np.ndarray) -> list[list[str]]:
     """Reference ids of neighbour keys (``""`` for padding), one vectorised lookup per class."""
+    id_arrays = _cached(
+        snap, "id-arrays", lambda: [np.asarray(p.ids, dtype=object) for p in snap.parts]
+    )
     out = np.full(keys.shape, "", dtype=object)
     for c, part in enumerate(snap.parts):
         mask = classes == c
         if mask.any():
-            out[mask] = np.asarray(part.ids, dtype=object)[np.searchsorted(part.keys, keys[mask])]
+            out[mask] = id_arrays[c][np.searchsorted(part.keys, keys[mask])]
     return out.tolist()
 
 

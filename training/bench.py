@@ -22,7 +22,15 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_COMBOS", "Combo", "parse_combos", "run_train_bench"]
 
-DEFAULT_COMBOS = "covidnet:contrastive,covidnet:triplet,resnet9_half:contrastive,resnet18:contrastive,covidnet:classifier"
+DEFAULT_COMBOS = ",".join(
+    [
+        "covidnet:contrastive",
+        "covidnet:triplet",
+        "covidnet:classifier",
+        "resnet9_half:contrastive:epochs=4",
+        "resnet18:contrastive:epochs=4",
+    ]
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +67,8 @@ def parse_combos(text: str) -> list[Combo]:
             raise ValueError(f"combo {item!r} must look like ENCODER:LOSS[:key=value...]")
         encoder, loss, *rest = parts
         if encoder not in list_encoders():
-            raise ValueError(
-                f"unknown encoder {encoder!r} in {item!r}; choose one of: {', '.join(list_encoders())}"
-            )
+            known = ", ".join(list_encoders())
+            raise ValueError(f"unknown encoder {encoder!r} in {item!r}; choose one of: {known}")
         if loss not in list_losses():
             raise ValueError(
                 f"unknown loss {loss!r} in {item!r}; choose one of: {', '.join(list_losses())}"
@@ -74,7 +81,9 @@ def parse_combos(text: str) -> list[Combo]:
             overrides.append((key, _parse_value(value)))
         combos.append(Combo(encoder, loss, tuple(overrides)))
     if not combos:
-        raise ValueError("no combinations given; e.g. --combos resnet9:contrastive,resnet18:triplet")
+        raise ValueError(
+            "no combinations given; e.g. --combos resnet9:contrastive,resnet18:triplet"
+        )
     return combos
 
 

@@ -123,7 +123,7 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "encoder_name": encoder_name,
         "encoder_kwargs": _plain(kwargs),
         "embedding_dim": embedding_dim,

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from training.bench import DEFAULT_COMBOS
 from training.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ _err = Console(stderr=True)
 
 
 def _setup_logging(verbose: bool) -> None:
-    """INFO logs of the training package on stderr (once), unless the host already set up logging."""
+    """INFO logs of the training package on stderr; keeps any logging the host set up."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -52,10 +53,10 @@ def _user_errors() -> Iterator[None]:
         _err.print("[red]interrupted[/red]")
         raise typer.Exit(130) from None
     except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except (ValueError, OSError) as exc:  # DataSourceError, ImageError, CheckpointError, ...
-        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        _err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -95,24 +96,41 @@ def _report_tables(report: dict[str, Any], title: str) -> list[Table]:
 
 
 def train_command(
-    data: Path = typer.Option(..., "--data", help="Image folder, CSV manifest, CoronaHack or COVID-19 collection folder."),
-    out: Path = typer.Option(..., "--out", help="Run directory (encoder.pt, metrics.json, config.json, plots)."),
-    encoder: str = typer.Option(_DEFAULTS.encoder, help="Encoder architecture (resnet9, resnet9_half, covidnet, sepconv, resnet18, resnet50, densenet121)."),
-    loss: str = typer.Option(_DEFAULTS.loss, help="contrastive, triplet, pair or classifier (baseline)."),
-    epochs: int = typer.Option(_DEFAULTS.epochs, min=1, help="Maximum epochs (early stopping may end sooner)."),
-    image_size: int = typer.Option(_DEFAULTS.image_size, min=8, help="Images are resized to SIZE x SIZE."),
-    batch_size: int = typer.Option(_DEFAULTS.batch_size, min=2, help="Batch size (class-balanced batches)."),
-    device: str = typer.Option(_DEFAULTS.device, help="auto, cpu or cuda (bf16 autocast + channels_last on CUDA)."),
-    seed: int = typer.Option(_DEFAULTS.seed, help="Random seed (splits, sampling, initialisation)."),
-    weights: Path | None = typer.Option(None, "--weights", help="Start from this state dict file (never downloaded)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
+    data: Path = typer.Option(
+        ..., "--data", help="Image folder, CSV manifest, CoronaHack or COVID-19 collection."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Run directory (encoder.pt, metrics.json, config.json, plots)."
+    ),
+    encoder: str = typer.Option(
+        _DEFAULTS.encoder,
+        help="resnet9, resnet9_half, covidnet, sepconv, resnet18, resnet50 or densenet121.",
+    ),
+    loss: str = typer.Option(_DEFAULTS.loss, help="contrastive, triplet, pair or classifier."),
+    epochs: int = typer.Option(_DEFAULTS.epochs, min=1, help="Maximum epochs (may stop early)."),
+    image_size: int = typer.Option(_DEFAULTS.image_size, min=8, help="Resize to SIZE x SIZE."),
+    batch_size: int = typer.Option(_DEFAULTS.batch_size, min=2, help="Class-balanced batch size."),
+    device: str = typer.Option(
+        _DEFAULTS.device, help="auto, cpu or cuda (bf16 autocast + channels_last on CUDA)."
+    ),
+    seed: int = typer.Option(_DEFAULTS.seed, help="Seed for splits, sampling and init."),
+    weights: Path | None = typer.Option(
+        None, "--weights", help="Start from this state dict file (never downloaded)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue --out from its last.pt."),
     lr: float = typer.Option(_DEFAULTS.lr, help="Peak learning rate (AdamW)."),
-    patience: int = typer.Option(_DEFAULTS.patience or 0, help="Early-stopping patience in epochs (0: never stop early)."),
-    workers: int | None = typer.Option(None, help="DataLoader workers (default: 0 on CPU, up to 8 on CUDA)."),
-    threads: int | None = typer.Option(None, help="CPU threads for torch (default: the idle cores)."),
-    progress_bar: bool | None = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
+    patience: int = typer.Option(
+        _DEFAULTS.patience or 0, help="Early-stopping patience in epochs (0: never stop early)."
+    ),
+    workers: int | None = typer.Option(
+        None, help="DataLoader workers (default: 0 on CPU, up to 8 on CUDA)."
+    ),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: idle cores)."),
+    progress_bar: bool | None = typer.Option(
+        None, "--progress/--no-progress", help="Progress bar (default: when on a terminal)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
-) -> None:  # fmt: skip
+) -> None:
     """Train a siamese (metric-learning) encoder and write RUN_DIR/encoder.pt, metrics and plots."""
     _setup_logging(verbose)
     with _user_errors():
@@ -146,7 +164,9 @@ def evaluate_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="encoder.pt written by `cxr train`."),
     data: Path = typer.Option(..., "--data", help="Data source (as for `cxr train`)."),
     split: str = typer.Option("test", help="Query split: train, val or test (references: train)."),
-    out: Path | None = typer.Option(None, "--out", help="Report JSON (default: next to the checkpoint)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Report JSON (default: next to the checkpoint)."
+    ),
     k: int = typer.Option(5, min=1, help="Neighbours for the k-NN vote."),
     n_way: int | None = typer.Option(None, help="Classes per few-shot episode (default: all)."),
     k_shot: int = typer.Option(1, min=1, help="Support images per class per episode."),
@@ -196,18 +216,21 @@ def evaluate_command(
         target = out or checkpoint.with_name(f"evaluate_{split}.json")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(report, indent=2))
-    for table in _report_tables(report, f"{loaded.encoder_name}: {split} split vs train references"):
+    for table in _report_tables(
+        report, f"{loaded.encoder_name}: {split} split vs train references"
+    ):
         _console.print(table)
     _console.print(f"wrote {target}", highlight=False)
 
 
 def bench_train_command(
-    data: Path = typer.Option(..., "--data", help="Data source with train/val/test splits (e.g. cxr4)."),
+    data: Path = typer.Option(..., "--data", help="Data source with train/val/test splits."),
     combos: str = typer.Option(
-        "covidnet:contrastive,covidnet:triplet,resnet9_half:contrastive,resnet18:contrastive,covidnet:classifier",
-        help="Comma-separated ENCODER:LOSS[:key=value...] combinations.",
+        DEFAULT_COMBOS, help="Comma-separated ENCODER:LOSS[:key=value...] combinations."
     ),
-    epochs: int | None = typer.Option(None, min=1, help="Epochs for every combo (default: TrainConfig's)."),
+    epochs: int | None = typer.Option(
+        None, min=1, help="Epochs for every combo (default: TrainConfig's)."
+    ),
     image_size: int = typer.Option(_DEFAULTS.image_size, min=8, help="Image size for every combo."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, help="Seed shared by every combo."),

@@ -223,7 +223,7 @@ def _sep_block(c_in: int, c_out: int) -> nn.Sequential:
 def _sepconv(
     *, widths: tuple[int, ...] = (32, 64, 128, 256), embedding_dim: int = 128, dropout: float = 0.0
 ) -> Encoder:
-    """Small depthwise-separable CNN with batch norm: strided stem, then (2 blocks + pool) stages."""
+    """Small depthwise-separable CNN with batch norm: strided stem, stages of 2 blocks + pool."""
     layers: list[nn.Module] = [
         nn.Conv2d(1, widths[0], 3, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(widths[0]),

@@ -219,7 +219,7 @@ def _lr_schedule(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step schedule: linear warm-up then cosine decay, or PyTorch's one-cycle."""
     total = max(1, config.epochs * steps_per_epoch)
-    warmup = min(total - 1, int(round(config.warmup_epochs * steps_per_epoch)))
+    warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
@@ -416,6 +416,10 @@ def train(
         best_score, best_epoch, stale = state["best_score"], state["best_epoch"], state["stale"]
         best_val, best_state = state["best_val"], state["best_state"]
         start_epoch = state["epoch"]
+        if state.get("sampler_labels") is not None and hasattr(sampler, "labels"):
+            # pml's MPerClassSampler shuffles its label list in place every epoch: part of
+            # the sampling state, restored so a resumed run draws the same batches.
+            sampler.labels = list(state["sampler_labels"])
         log.info("resumed from %s after epoch %d", last_path, start_epoch)
 
     config_dict = {**config.to_dict(), "resolved": {
@@ -560,6 +564,7 @@ def train(
                     "stale": stale,
                     "best_val": best_val,
                     "best_state": best_state,
+                    "sampler_labels": list(getattr(sampler, "labels", []) or []) or None,
                     "config": config.to_dict(),
                 },
                 last_path,

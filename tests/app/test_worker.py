@@ -128,7 +128,6 @@ def test_worker_retrains_end_to_end_then_api_hot_swaps_and_rolls_back(
             job = wait_for_job(client, admin, job_id, timeout=240)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- worker log ---\n{worker.log()[-6000:]}") from None
-    print(worker.log())
     assert job["status"] == "succeeded", f"{job['error']}\n{worker.log()[-4000:]}"
     version = job["model_version"]
     assert job["metrics"]["activated"] is True and job["metrics"]["n_val"] == 3

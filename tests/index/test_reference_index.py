@@ -250,3 +250,18 @@ def test_explicit_factory_falls_back_to_exact_for_small_classes() -> None:
     assert set(index.describe().values()) == {fx.EXACT_FACTORY}
     big = ReferenceIndex.build(x, ids, labels, device="cpu", factory="IVF4,Flat")
     assert all(v.startswith("IVF4,Flat") for v in big.describe().values())
+
+
+def test_auto_stays_exact_on_unstructured_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fx, "AUTO_SWITCH_SIZE", 500)
+    rng = np.random.default_rng(14)
+    x = l2_normalize(rng.standard_normal((3000, DIM)))  # uniform: IVF cannot prune anything
+    index = ReferenceIndex.build(x, [f"u{i}" for i in range(3000)], ["U"] * 3000, device="cpu")
+    assert index.describe() == {"U": fx.EXACT_FACTORY}
+    index.add(x[:10] * -1.0, [f"n{i}" for i in range(10)], ["U"] * 10)  # no retraining churn
+    assert index.describe() == {"U": fx.EXACT_FACTORY}
+    order, _, _, _ = brute(np.vstack([x, -x[:10]]), ["U"] * 3010, x[5:6], 5)
+    ids = [f"u{i}" for i in range(3000)] + [f"n{i}" for i in range(10)]
+    assert [n.reference_id for n in index.search(x[5], k=5)[0].neighbors] == [
+        ids[j] for j in order[0]
+    ]

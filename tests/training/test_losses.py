@@ -58,7 +58,7 @@ def test_triplet_semihard_matches_hand_computation() -> None:
     loss = create_loss("triplet", embedding_dim=2, num_classes=2, margin=0.6, triplets="semihard")
     d = lambda a, b: 2 * math.sin(math.radians(abs(a - b)) / 2)  # noqa: E731
     # Anchor 0: positive 60 (d_ap=1): negatives 100 (1.532, semi-hard), 180 (2.0, easy).
-    # Anchor 60: positive 0 (d_ap=1): negatives 100 (d=0.684 < 1: hard), 180 (1.732: semi-hard? 1.732 > 1.6 -> easy).
+    # Anchor 60: positive 0 (d_ap=1): negatives 100 (0.684 < 1: hard), 180 (1.732 > 1.6: easy).
     # Anchor 100: positive 180 (d_ap=1.286): negatives 0 (1.532, semi-hard), 60 (0.684, hard).
     # Anchor 180: positive 100 (1.286): negatives 0 (2.0 easy), 60 (1.732, semi-hard).
     semihard = [
@@ -85,9 +85,7 @@ def test_pair_loss_matches_hand_bce() -> None:
     assert head(e, y).item() == pytest.approx(expected, abs=1e-6)
     balanced = PairLoss(2, balanced=True)
     balanced.load_state_dict(head.state_dict())
-    assert balanced(e, y).item() == pytest.approx(
-        (-math.log(p) - math.log(1 - p)) / 2, abs=1e-6
-    )
+    assert balanced(e, y).item() == pytest.approx((-math.log(p) - math.log(1 - p)) / 2, abs=1e-6)
 
 
 def test_pair_loss_parameters_learn() -> None:

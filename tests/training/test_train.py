@@ -19,14 +19,15 @@ from training.train import TrainConfig, train
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_folder(
-        tmp_path_factory.mktemp("shapes"), {"train": 20, "val": 8, "test": 12}, size=40
+        tmp_path_factory.mktemp("shapes"), {"train": 32, "val": 8, "test": 12}, size=40
     )
 
 
 def _config(data: Path, out: Path, **overrides: object) -> TrainConfig:
     base = dict(
-        data=str(data), out=str(out), encoder="sepconv", loss="contrastive", epochs=6,
-        image_size=32, batch_size=32, lr=3e-3, warmup_epochs=0.5, patience=None, threads=1,
+        data=str(data) if data else None, out=str(out), encoder="resnet9_half",
+        encoder_kwargs={"stem_stride": 1}, loss="contrastive", epochs=4, image_size=32,
+        batch_size=16, lr=3e-3, warmup_epochs=0.5, patience=None, threads=1,
         n_way_episodes=100, progress_bar=False,
     )  # fmt: skip
     base.update(overrides)
@@ -55,11 +56,11 @@ def test_run_directory_contents(trained: tuple) -> None:
                  "confusion_matrix.png", "embedding_map.png"):  # fmt: skip
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
-    assert len(metrics["history"]) == 6
+    assert len(metrics["history"]) == 4
     assert all(h["images_per_second"] > 0 for h in metrics["history"])
     assert "val_balanced_accuracy" in metrics["history"][0]
     config = json.loads((run / "config.json").read_text())
-    assert config["encoder"] == "sepconv" and config["resolved"]["device"] == "cpu"
+    assert config["encoder"] == "resnet9_half" and config["resolved"]["device"] == "cpu"
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and 0 < fractions[0] < 0.2
 
 
@@ -91,8 +92,8 @@ class _Interrupt(Exception):
 
 
 def test_resume_continues_exactly(shapes: Path, tmp_path: Path) -> None:
-    config = dict(epochs=2, augment=True)
-    full = train(_config(shapes, tmp_path / "full", **config))
+    config = dict(epochs=2, augment=True, encoder="sepconv", encoder_kwargs={})
+    train(_config(shapes, tmp_path / "full", **config))
 
     def stop_in_epoch_two(fraction: float) -> None:
         if fraction > 0.5:  # first step of the second epoch
@@ -119,7 +120,8 @@ def test_given_samples_and_classifier_loss(shapes: Path, tmp_path: Path) -> None
     samples = load_source(shapes)
     splits = {s: [x for x in samples if x.split == s] for s in ("train", "val")}
     result = train(
-        _config(None, tmp_path, loss="classifier", epochs=2), samples=splits  # type: ignore[arg-type]
+        _config(None, tmp_path, loss="classifier", epochs=2, encoder="sepconv", encoder_kwargs={}),
+        samples=splits,  # type: ignore[arg-type]
     )
     assert result.metrics["evaluated_split"] == "val"
     state = torch.load(tmp_path / "last.pt", weights_only=False)
