@@ -14,6 +14,7 @@ the database and the task claims it there, so handing the same id over twice is 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
@@ -64,6 +65,7 @@ class InProcessRunner:
         self._options = options or JobOptions.from_settings(settings)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-job")
         self._futures: list[Future[None]] = []
+        self._stop = threading.Event()
 
     def submit(self, job_id: str) -> None:
         future = self._executor.submit(self._run, job_id)
@@ -75,7 +77,11 @@ class InProcessRunner:
 
         try:
             run_retrain(
-                job_id, settings=self._settings, options=self._options, factory=self._factory
+                job_id,
+                settings=self._settings,
+                options=self._options,
+                factory=self._factory,
+                stop=self._stop,
             )
         except Exception:  # run_retrain records failures itself; this is a last resort
             logger.exception("in-process job %s crashed", job_id)
@@ -86,8 +92,10 @@ class InProcessRunner:
             future.result(timeout=timeout)
 
     def shutdown(self, *, wait: bool = False) -> None:
-        # A job already running finishes in its thread only if `wait`; otherwise the process
-        # exit leaves it `running` and the reaper fails it: never silently lost.
+        # A running job stops at its next training step and is recorded as failed with the
+        # reason (rather than holding the process open for the rest of the retrain); queued
+        # hand-overs are dropped, their rows stay `queued` for the next reaper to re-submit.
+        self._stop.set()
         self._executor.shutdown(wait=wait, cancel_futures=True)
 
 

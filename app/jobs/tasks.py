@@ -67,6 +67,10 @@ class RetrainError(RuntimeError):
     """A retrain cannot proceed; the message tells the administrator what to do."""
 
 
+class JobInterruptedError(RetrainError):
+    """The process running the job is shutting down (in-process runner)."""
+
+
 class JobLostError(RuntimeError):
     """This worker no longer owns the job (the reaper failed it); stop without publishing."""
 
@@ -100,11 +104,14 @@ def run_retrain(
     settings: Settings,
     options: JobOptions | None = None,
     factory: sessionmaker[Session] | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
     """Run retrain job `job_id` to completion, recording the outcome on its row.
 
     Never raises for a job failure (it is recorded as `failed`), so a Celery worker acknowledges
-    the message; it raises only when the database itself is unusable.
+    the message; it raises only when the database itself is unusable. `stop` (set by the
+    in-process runner when the API shuts down) interrupts training at the next step and fails
+    the job at once, instead of leaving it for the reaper.
     """
     from app.db.session import create_db_engine, create_sessionmaker
 
@@ -133,6 +140,7 @@ def run_retrain(
                     worker=worker,
                     scratch=scratch,
                     heartbeat=heartbeat,
+                    stop=stop,
                 )
         except JobLostError as exc:
             logger.error("retrain job %s abandoned: %s", job_id, exc)
@@ -200,7 +208,9 @@ class ProgressWriter:
         worker: str,
         heartbeat: Heartbeat,
         interval_s: float,
+        stop: threading.Event | None = None,
     ) -> None:
+        self._stop = stop
         self._factory = factory
         self._job_id = job_id
         self._worker = worker
@@ -211,8 +221,7 @@ class ProgressWriter:
         self._lock = threading.Lock()
 
     def __call__(self, fraction: float, *, force: bool = False) -> None:
-        if self._heartbeat.lost:
-            raise JobLostError("the job was marked failed by the reaper while it ran")
+        self.check()
         value = min(max(float(fraction), 0.0), 1.0)
         now = time.monotonic()
         with self._lock:
@@ -236,6 +245,18 @@ class ProgressWriter:
         except Exception:  # progress is informative; the heartbeat thread detects real loss
             logger.warning("could not record progress of job %s", self._job_id, exc_info=True)
 
+    def check(self) -> None:
+        """Raise when the job must stop: taken from us by the reaper, or process shutdown."""
+        if self._heartbeat.lost:
+            raise JobLostError("the job was marked failed by the reaper while it ran")
+        if self._stop is not None and self._stop.is_set():
+            raise JobInterruptedError(
+                "The API process running this job (in-process runner) was shut down during the "
+                "retrain. No model was registered and the active model is unchanged; submit "
+                "POST /admin/retrain again (or run `cxr worker` with CXR_BROKER_URL so retrains "
+                "do not depend on API restarts)."
+            )
+
     def stage(self, start: float, end: float) -> Callable[[float], None]:
         """A callback mapping a stage's own 0..1 onto [start, end] of the job's progress."""
         return lambda fraction: self(start + (end - start) * min(max(fraction, 0.0), 1.0))
@@ -251,6 +272,7 @@ def _retrain(
     worker: str,
     scratch: Path,
     heartbeat: Heartbeat,
+    stop: threading.Event | None = None,
 ) -> None:
     from training.train import TrainConfig, train
 
@@ -260,12 +282,22 @@ def _retrain(
         worker=worker,
         heartbeat=heartbeat,
         interval_s=options.progress_interval_s,
+        stop=stop,
     )
     progress(0.0, force=True)
     with factory() as session:
         snapshot = snapshot_references(session, settings=settings, scratch=scratch / "images")
     config = TrainConfig(
-        **{**params, "out": str(scratch / "run"), "device": train_device(settings.device)}
+        **{
+            **params,
+            "out": str(scratch / "run"),
+            "device": train_device(settings.device),
+            # No terminal to draw on (a server or worker log).
+            "progress_bar": False,
+            # The images are decoded and cached in memory before training, so loader processes
+            # would only augment; and a Celery prefork child is daemonic, which may not fork.
+            "workers": 0,
+        }
     )
     seed = int(getattr(config, "seed", 0) or 0)
     split = split_for_validation(snapshot, val_fraction=VAL_FRACTION, seed=seed)
@@ -343,8 +375,7 @@ def _retrain(
     }
 
     # -- register (file complete before the row), re-embed everything, then activate ----------
-    if heartbeat.lost:
-        raise JobLostError("the job was marked failed by the reaper while it ran")
+    progress.check()
     from app.services.models import register_model
 
     with factory() as session:
@@ -395,7 +426,7 @@ def _retrain(
             )
     metrics["activated"] = activated
     metrics["decision"] = reason
-    if heartbeat.lost:
+    if heartbeat.lost:  # not `check()`: a shutdown now should not waste the finished model
         raise JobLostError("the job was marked failed by the reaper while it ran")
     if activated:
         from app.services.models import activate_model
@@ -542,25 +573,44 @@ def resolve_device(device: str) -> str:
     return str(resolve(device))
 
 
-def embed_paths(loaded: Any, paths: Sequence[Path], *, device: str) -> np.ndarray:
-    """L2-normalised float32 embeddings `(n, dim)` of image files with a loaded checkpoint."""
+def embed_paths(
+    loaded: Any, paths: Sequence[Path], *, device: str, skip_unreadable: bool = False
+) -> np.ndarray:
+    """L2-normalised float32 embeddings `(n, dim)` of image files with a loaded checkpoint.
+
+    An unreadable image raises `RetrainError` naming its reference, unless `skip_unreadable`,
+    in which case its row is NaN (callers drop it).
+    """
     import torch
 
-    from training.imaging import decode_image
-    from training.preprocess import preprocess_batch
+    from training.imaging import ImageError, decode_image
+    from training.preprocess import preprocess
 
+    dim = int(loaded.embedding_dim)
     encoder = loaded.encoder.to(device).eval()
-    out: list[np.ndarray] = []
+    out = np.full((len(paths), dim), np.nan, dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, len(paths), EMBED_BATCH):
-            images = [decode_image(p) for p in paths[start : start + EMBED_BATCH]]
-            batch = preprocess_batch(images, loaded.preprocessing).to(device)
-            out.append(encoder(batch).float().cpu().numpy())
-    if not out:
-        return np.zeros((0, int(loaded.embedding_dim)), dtype=np.float32)
-    emb = np.concatenate(out).astype(np.float32)
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb / np.maximum(norms, 1e-12)
+            rows, tensors = [], []
+            for row in range(start, min(start + EMBED_BATCH, len(paths))):
+                try:
+                    image = decode_image(paths[row])
+                except (ImageError, OSError) as exc:
+                    if skip_unreadable:
+                        logger.warning("skipping unreadable reference image %s", paths[row].name)
+                        continue
+                    raise RetrainError(
+                        f"Reference {paths[row].stem} cannot be read ({exc}). Delete it with "
+                        f"DELETE /references/{paths[row].stem} (or enroll it again), then "
+                        "submit the retrain again."
+                    ) from exc
+                rows.append(row)
+                tensors.append(preprocess(image, loaded.preprocessing))
+            if tensors:
+                emb = encoder(torch.stack(tensors).to(device)).float().cpu().numpy()
+                out[rows] = emb
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.maximum(norms, 1e-12)
 
 
 def knn_balanced_accuracy(
@@ -626,9 +676,14 @@ def store_embeddings(
             todo.append((ref_id, resolve_data_path(image_path, settings)))
     for start in range(0, len(todo), EMBED_BATCH):
         chunk = todo[start : start + EMBED_BATCH]
-        present = [(ref_id, path) for ref_id, path in chunk if path.exists()]
-        emb = embed_paths(model, [path for _, path in present], device=device)
-        vectors.update({ref_id: vec for (ref_id, _), vec in zip(present, emb, strict=True)})
+        emb = embed_paths(model, [path for _, path in chunk], device=device, skip_unreadable=True)
+        vectors.update(
+            {
+                ref_id: vec
+                for (ref_id, _), vec in zip(chunk, emb, strict=True)
+                if np.isfinite(vec).all()
+            }
+        )
         if progress is not None:
             progress((start + len(chunk)) / len(todo))
     with factory() as session:

@@ -20,11 +20,20 @@ from app.config import Settings
 from app.db import Embedding, Job, Model, Reference, utcnow
 from app.jobs.heartbeat import reap_stale_jobs
 from app.jobs.options import JobOptions
-from app.jobs.tasks import RefSnapshot, knn_balanced_accuracy, run_retrain, split_for_validation
+from app.jobs.tasks import (
+    RefSnapshot,
+    RetrainError,
+    embed_paths,
+    knn_balanced_accuracy,
+    run_retrain,
+    split_for_validation,
+)
 from app.services.jobs import JobConflictError, submit_retrain
+from tests.app.conftest import new_key
 from tests.app.jobs_helpers import (
     LABELS,
     TINY,
+    class_png,
     enroll,
     make_checkpoint,
     predict_version,
@@ -105,6 +114,21 @@ def test_knn_balanced_accuracy_weights_every_class_equally() -> None:
     assert knn_balanced_accuracy(ref_emb, refs, query_emb, queries, k=3) == pytest.approx(0.5)
     constant = np.ones((4, 2), dtype=np.float32) / np.sqrt(2)
     assert knn_balanced_accuracy(constant, refs, constant, queries, k=3) == pytest.approx(0.5)
+
+
+def test_an_unreadable_reference_is_named_with_what_to_do(tmp_path: Path) -> None:
+    from training.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(make_checkpoint(tmp_path / "m.pt"))
+    good = tmp_path / "good.png"
+    good.write_bytes(class_png(LABELS[0], 1))
+    bad = tmp_path / "abc123.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(RetrainError, match="DELETE /references/abc123"):
+        embed_paths(loaded, [good, bad], device="cpu")
+    emb = embed_paths(loaded, [good, bad], device="cpu", skip_unreadable=True)
+    assert np.isfinite(emb[0]).all() and not np.isfinite(emb[1]).any()
+    assert np.linalg.norm(emb[0]) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -392,3 +416,36 @@ def test_activation_decision_compares_with_the_active_model_on_the_same_split(
         assert job["metrics"]["decision"].startswith(f"beats {active}")
         assert models == {active: False, candidate: True}
         assert predict_version(client, headers["reader"]) == candidate
+
+
+def test_api_shutdown_interrupts_an_in_process_retrain_and_fails_it(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping the API (lifespan exit) stops its in-process job at the next training step and
+    records why, instead of holding the process open or leaving the job `running`."""
+    import time
+
+    import training.train as training_train
+
+    started = threading.Event()
+
+    def endless_train(config: Any, *, samples: Any = None, progress: Any = None) -> Any:
+        for step in range(2000):
+            progress(step / 2000)
+            started.set()
+            time.sleep(0.01)
+        raise AssertionError("training was not interrupted")
+
+    monkeypatch.setattr(training_train, "train", endless_train)
+    with TestClient(app) as client:
+        admin = {"X-API-Key": new_key(app, "admin")}
+        enroll(client, {"X-API-Key": new_key(app, "clinician")}, per_class=3)
+        job_id = client.post("/admin/retrain", headers=admin).json()["job_id"]
+        assert started.wait(timeout=60)
+        runner = app.state.job_runner
+    runner.wait(timeout=30)  # the lifespan has stopped it; the thread ends promptly
+    with app.state.sessionmaker() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == "failed"
+        assert "was shut down" in (job.error or "") and job.model_version is None
+        assert session.execute(select(Model)).first() is None

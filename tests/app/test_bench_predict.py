@@ -1,0 +1,48 @@
+"""Smoke test of `cxr bench predict`: the real service in a subprocess, ~1 s per phase."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+SPEC_FIELDS = {"clients", "explain", "p50_ms", "p99_ms", "rps", "errors", "bare_p50_ms"}
+
+
+@pytest.mark.slow
+def test_bench_predict_smoke(data_dir: Path, tmp_path: Path) -> None:
+    from app.cli import cli
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "predict",
+            "--clients",
+            "1,2",
+            "--seconds",
+            "1",
+            "--references-per-class",
+            "3",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [(r["clients"], r["explain"]) for r in rows] == [
+        (1, False),
+        (1, True),
+        (2, False),
+        (2, True),
+    ]
+    for row in rows:
+        assert SPEC_FIELDS <= set(row)
+        assert row["errors"] == 0 and row["status_5xx"] == 0
+        assert row["requests"] > 0 and row["rps"] > 0
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["bare_p50_ms"] > 0
+    assert "| clients | explain |" in result.stdout
