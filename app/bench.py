@@ -285,9 +285,7 @@ def run_predict_bench(
         tmp_path = Path(tmp)
         data_dir = tmp_path / "var"
         secret = secrets.token_urlsafe(32)
-        settings = Settings(
-            data_dir=data_dir, secret_key=secret, device="cpu", log_level="WARNING"
-        )
+        settings = Settings(data_dir=data_dir, secret_key=secret, device="cpu", log_level="WARNING")
         if checkpoint is None:
             checkpoint = _fresh_checkpoint(tmp_path / "fresh.pt")
         keys = _prepare_state(settings, checkpoint, references_per_class)
@@ -397,7 +395,9 @@ def _parse_clients(value: str) -> list[int]:
     try:
         clients = [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
-        raise typer.BadParameter("--clients takes integers separated by commas, e.g. 1,8,32")
+        raise typer.BadParameter(
+            "--clients takes integers separated by commas, e.g. 1,8,32"
+        ) from None
     if not clients or any(c < 1 for c in clients):
         raise typer.BadParameter("--clients takes positive integers, e.g. 1,8,32")
     return clients

@@ -138,9 +138,7 @@ def _jet_lut() -> np.ndarray:
     return (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.uint8)
 
 
-def overlay_png(
-    image: np.ndarray, heat: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE
-) -> bytes:
+def overlay_png(image: np.ndarray, heat: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE) -> bytes:
     """Blend ``heat`` (any size, ``[0, 1]``) on the grayscale ``image`` ``(H, W)`` as a PNG.
 
     The output has the upload's aspect ratio (not the model's square input), so the heat map

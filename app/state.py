@@ -513,9 +513,7 @@ class ServiceState:
             self._store_embeddings(session, model.version, computed)
         return vectors
 
-    def _compute_embeddings(
-        self, model: LoadedModel, refs: Sequence[Any]
-    ) -> dict[str, np.ndarray]:
+    def _compute_embeddings(self, model: LoadedModel, refs: Sequence[Any]) -> dict[str, np.ndarray]:
         """Embed references from their stored files (decode_image → preprocess → encoder)."""
         out: dict[str, np.ndarray] = {}
         unreadable = 0

@@ -40,9 +40,10 @@ def test_bench_predict_smoke(data_dir: Path, tmp_path: Path) -> None:
         (2, True),
     ]
     for row in rows:
-        assert SPEC_FIELDS <= set(row)
+        assert set(row) >= SPEC_FIELDS
         assert row["errors"] == 0 and row["status_5xx"] == 0
         assert row["requests"] > 0 and row["rps"] > 0
-        assert 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["p50_ms"] > 0
+        assert row["p99_ms"] >= row["p50_ms"]
         assert row["bare_p50_ms"] > 0
     assert "| clients | explain |" in result.stdout

@@ -57,7 +57,7 @@ def test_heatmap_matches_plain_gradcam_and_leaves_no_hooks(encoder: nn.Module) -
     work = copy.deepcopy(encoder)
     heat = gradcam_heatmap(work, x, mean)
     assert heat.shape == (64, 64) and heat.dtype == np.float32
-    assert 0.0 <= heat.min() and heat.max() <= 1.0
+    assert heat.min() >= 0.0 and heat.max() <= 1.0
     assert _hook_count(work) == 0, "Grad-CAM hooks must be removed after the call"
     assert all(p.grad is None for p in work.parameters())
 

@@ -41,7 +41,7 @@ def test_register_copies_checksums_and_is_idempotent(
             session=session, checkpoint=checkpoint_b, settings=settings, metrics={"x": 1}
         )
         assert other.version != row.version and other.metrics == {"x": 1}
-        assert [m.version for m in list_models(session=session)][0] == other.version
+        assert list_models(session=session)[0].version == other.version
         with pytest.raises(ModelNotFoundError):
             activate_model(session=session, version="m-nope", settings=settings)
 
