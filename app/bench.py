@@ -7,10 +7,10 @@ What it does, so the numbers mean something:
    references per class enrolled through the service functions (same path as the API).
 2. The real service: `uvicorn app.main:create_app --factory` in a subprocess on a free loopback
    port, waited for until `/ready` answers 200.
-3. The *bare* cost in this process, measured on the same state: decode + preprocess + forward +
-   search of the same query image (`app.services.predict.prepare_query` + `answer_query`, the
-   functions the route runs), with the same torch thread settings as the server. Also the bare
-   cost with Grad-CAM.
+3. The *bare* cost in this process, measured on the same state right before each client count
+   (so it sees the same machine load): decode + preprocess + forward + search of the same query
+   image (`app.services.predict.prepare_query` + `answer_query`, the functions the route runs),
+   with the server's torch thread settings; also with the one-pass Grad-CAM (`explain_query`).
 4. For each client count and explain flag: that many concurrent httpx clients post the query
    image for `--seconds`; rows with `clients`, `explain`, `p50_ms`, `p99_ms`, `rps`, `errors`
    (non-200 answers or transport errors), `status_5xx`, `bare_p50_ms`.
@@ -164,44 +164,47 @@ def _prepare_state(settings: Any, checkpoint: Path, references_per_class: int) -
     return {"reader": reader}
 
 
-def _bare_timings(
-    settings: Any, query: bytes, *, iterations: int, inference_workers: int | None
-) -> tuple[float, float]:
-    """p50 ms of the bare in-process work without and with Grad-CAM (same state as the server)."""
-    from app.db.session import create_db_engine, create_sessionmaker
-    from app.services.predict import answer_query, prepare_query
-    from app.state import ServiceState
+class _BareTimer:
+    """The bare in-process work on the same state as the server: decode + preprocess +
+    forward + search (and the one-pass Grad-CAM variant), with the server's thread settings.
+    Measured right before each phase, so both sides of the ratio see the same machine load."""
 
-    engine = create_db_engine(settings.database_url)
-    try:
+    def __init__(self, settings: Any, query: bytes, *, inference_workers: int | None) -> None:
+        from app.db.session import create_db_engine, create_sessionmaker
+        from app.state import ServiceState
+
+        self.settings = settings
+        self.query = query
+        self.engine = create_db_engine(settings.database_url)
         state = ServiceState(
             settings=settings,
-            sessionmaker=create_sessionmaker(engine),
+            sessionmaker=create_sessionmaker(self.engine),
             inference_workers=inference_workers,
         )
         bundle = state.refresh()
         if bundle is None or bundle.index is None:
             raise RuntimeError(f"bench state did not load: {state.reasons()}")
-        k = settings.default_k
-
-        def once(explain: bool) -> float:
-            t0 = time.perf_counter()
-            prepared = prepare_query(query, bundle, max_pixels=settings.max_pixels)
-            _emb, result = answer_query(prepared, bundle, k=k, method="knn")
-            if explain:
-                bundle.model.explainer.explain_png(
-                    prepared.tensor, bundle.class_means[result.label], prepared.image
-                )
-            return (time.perf_counter() - t0) * 1000.0
-
+        self.bundle = bundle
         for _ in range(3):
-            once(False)
-            once(True)
-        bare = [once(False) for _ in range(iterations)]
-        bare_explain = [once(True) for _ in range(max(5, iterations // 2))]
-    finally:
-        engine.dispose()
-    return statistics.median(bare), statistics.median(bare_explain)
+            self.once(False)
+            self.once(True)
+
+    def once(self, explain: bool) -> float:
+        from app.services.predict import answer_query, explain_query, prepare_query
+
+        t0 = time.perf_counter()
+        prepared = prepare_query(self.query, self.bundle, max_pixels=self.settings.max_pixels)
+        if explain:
+            explain_query(prepared, self.bundle, k=self.settings.default_k, method="knn")
+        else:
+            answer_query(prepared, self.bundle, k=self.settings.default_k, method="knn")
+        return (time.perf_counter() - t0) * 1000.0
+
+    def p50(self, explain: bool, iterations: int) -> float:
+        return statistics.median(self.once(explain) for _ in range(iterations))
+
+    def close(self) -> None:
+        self.engine.dispose()
 
 
 async def _drive(
@@ -290,10 +293,7 @@ def run_predict_bench(
             checkpoint = _fresh_checkpoint(tmp_path / "fresh.pt")
         keys = _prepare_state(settings, checkpoint, references_per_class)
         query = _synthetic_image("disc", seed=424242)
-        bare_ms, bare_explain_ms = _bare_timings(
-            settings, query, iterations=bare_iterations, inference_workers=inference_workers
-        )
-        logger.info("bare: %.2f ms, with Grad-CAM %.2f ms", bare_ms, bare_explain_ms)
+        bare = _BareTimer(settings, query, inference_workers=inference_workers)
 
         port = _free_port()
         base_url = f"http://127.0.0.1:{port}"
@@ -330,6 +330,9 @@ def run_predict_bench(
             try:
                 _wait_ready(base_url, proc, log_path)
                 for n in clients:
+                    bare_ms = bare.p50(False, bare_iterations)
+                    bare_explain_ms = bare.p50(True, max(5, bare_iterations // 2))
+                    logger.info("bare: %.2f ms, with Grad-CAM %.2f ms", bare_ms, bare_explain_ms)
                     for explain in explain_modes:
                         # Short warm-up so lazy work (Grad-CAM copies) is not in the timings.
                         asyncio.run(
@@ -367,6 +370,7 @@ def run_predict_bench(
                         logger.info("bench row: %s", row.as_dict())
                         rows.append(row)
             finally:
+                bare.close()
                 proc.terminate()
                 try:
                     proc.wait(timeout=30)

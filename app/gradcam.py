@@ -17,8 +17,10 @@ Why a pool of model copies (:class:`Explainer`) instead of the served encoder:
 Only the gradient *at the target layer* is needed, so the copies' parameters are frozen and a
 temporary forward hook turns the target layer's output into an autograd leaf: the backward pass
 then runs through the small head only (pool + projection + normalise), not the whole backbone,
-and no weight gradients are allocated. That keeps an explained prediction close to the cost of
-two forward passes.
+and no weight gradients are allocated. And the explained prediction needs only ONE forward pass:
+the Grad-CAM target (:class:`SearchThenExplainTarget`) receives the embedding, searches the
+index with it and only then picks the class to explain, so the answer and its explanation come
+from the same pass.
 
 `pytorch_grad_cam` is imported at module import (it pulls in torchvision, OpenCV, SciPy and
 matplotlib: seconds on a busy machine), so the service pays it at startup, not in the first
@@ -33,7 +35,7 @@ import io
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from typing import Any
@@ -50,6 +52,7 @@ __all__ = [
     "DEFAULT_MAX_SIDE",
     "EmbeddingSimilarityTarget",
     "Explainer",
+    "SearchThenExplainTarget",
     "gradcam_heatmap",
     "overlay_png",
     "overlay_size",
@@ -78,6 +81,34 @@ class EmbeddingSimilarityTarget:
         return (embedding.flatten() * mean).sum()
 
 
+class SearchThenExplainTarget:
+    """Grad-CAM target that decides *what* to explain from the embedding it is given.
+
+    `pytorch_grad_cam` calls the target with the model output after the forward pass and before
+    the backward pass. Searching the index there lets one forward pass serve both the answer
+    (embedding -> search -> label) and its explanation (similarity to that label's class mean),
+    instead of a prediction forward plus a second Grad-CAM forward.
+    """
+
+    def __init__(
+        self,
+        search: Callable[[np.ndarray], Any],
+        class_mean_of: Callable[[Any], np.ndarray | None],
+    ) -> None:
+        self.search = search
+        self.class_mean_of = class_mean_of
+        self.result: Any = None
+        self.embedding: np.ndarray | None = None
+
+    def __call__(self, embedding: torch.Tensor) -> torch.Tensor:
+        self.embedding = embedding.detach().float().cpu().numpy().reshape(1, -1)
+        self.result = self.search(self.embedding)
+        mean = self.class_mean_of(self.result)
+        if mean is None:  # nothing to explain against: a zero score gives an empty map
+            return (embedding.flatten() * 0.0).sum()
+        return EmbeddingSimilarityTarget(mean)(embedding)
+
+
 @contextmanager
 def _target_output_as_leaf(layer: nn.Module) -> Iterator[None]:
     """While active, the target layer's output is detached into an autograd leaf.
@@ -98,15 +129,24 @@ def _target_output_as_leaf(layer: nn.Module) -> Iterator[None]:
 
 
 def gradcam_heatmap(
-    model: nn.Module, input_tensor: torch.Tensor, class_mean: np.ndarray
+    model: nn.Module,
+    input_tensor: torch.Tensor,
+    class_mean: np.ndarray | None = None,
+    *,
+    target: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Grad-CAM map ``(S, S)`` in ``[0, 1]`` of ``embedding . class_mean`` for one image.
 
     ``model`` must not be shared with other threads while this runs (hooks are attached for the
     duration of the call and removed afterwards); :class:`Explainer` hands out private copies.
-    ``input_tensor`` is the preprocessed ``(1, 1, S, S)`` tensor; it must not be an inference
-    tensor (create it outside ``torch.inference_mode``).
+    ``input_tensor`` is the preprocessed ``(1, 1, S, S)`` tensor (an inference tensor is
+    cloned into a normal one). ``target`` replaces the fixed ``class_mean`` target (see
+    :class:`SearchThenExplainTarget`).
     """
+    if target is None:
+        if class_mean is None:
+            raise ValueError("give class_mean or target")
+        target = EmbeddingSimilarityTarget(class_mean)
     target_layer: nn.Module = model.target_layer  # type: ignore[assignment]
     result: np.ndarray | None = None
     with torch.inference_mode(False), torch.enable_grad():
@@ -116,7 +156,7 @@ def gradcam_heatmap(
             _target_output_as_leaf(target_layer),
             GradCAM(model=model, target_layers=[target_layer]) as cam,
         ):
-            result = cam(input_tensor=x, targets=[EmbeddingSimilarityTarget(class_mean)])
+            result = cam(input_tensor=x, targets=[target])
     model.zero_grad(set_to_none=True)
     if result is None:  # GradCAM.__exit__ swallows IndexError; do not hide it.
         raise RuntimeError("Grad-CAM failed to produce a map (see the log)")
@@ -131,32 +171,34 @@ def overlay_size(width: int, height: int, max_side: int = DEFAULT_MAX_SIDE) -> t
 
 
 @cache
-def _jet_lut() -> np.ndarray:
-    """256x3 uint8 'jet' colour table (blue = low, red = high), computed once."""
+def _jet_palette() -> tuple[int, ...]:
+    """The 'jet' colour table (blue = low, red = high) as a flat PIL palette, computed once."""
     from matplotlib import colormaps
 
-    return (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.uint8)
+    lut = (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+    return tuple(int(v) for v in lut.reshape(-1))
 
 
 def overlay_png(image: np.ndarray, heat: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE) -> bytes:
     """Blend ``heat`` (any size, ``[0, 1]``) on the grayscale ``image`` ``(H, W)`` as a PNG.
 
     The output has the upload's aspect ratio (not the model's square input), so the heat map
-    lies on the anatomy the clinician sees.
+    lies on the anatomy the clinician sees. Resizing, colouring and blending are PIL operations
+    (C loops), so the PNG encoding is the only noticeable cost.
     """
     h, w = image.shape[:2]
     out_w, out_h = overlay_size(w, h, max_side)
     gray = Image.fromarray((np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
-    gray = gray.resize((out_w, out_h), Image.Resampling.BILINEAR)
-    heat_img = Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F")
-    heat_small = np.asarray(heat_img.resize((out_w, out_h), Image.Resampling.BILINEAR))
-    idx = (np.clip(heat_small, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    colour = _jet_lut()[idx].astype(np.float32)
-    base = np.asarray(gray, dtype=np.float32)[..., None]
-    blended = (1.0 - HEAT_ALPHA) * base + HEAT_ALPHA * colour
-    out = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+    gray = gray.resize((out_w, out_h), Image.Resampling.BILINEAR).convert("RGB")
+    heat_idx = (np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(
+        np.uint8
+    )
+    colour = Image.fromarray(heat_idx, mode="L").resize((out_w, out_h), Image.Resampling.BILINEAR)
+    colour = colour.convert("P")
+    colour.putpalette(_jet_palette())
+    blended = Image.blend(gray, colour.convert("RGB"), HEAT_ALPHA)
     buf = io.BytesIO()
-    out.save(buf, format="PNG", compress_level=3)
+    blended.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
@@ -214,6 +256,22 @@ class Explainer:
         with self.model() as model:
             device = next(model.parameters()).device
             return gradcam_heatmap(model, input_tensor.to(device), class_mean)
+
+    def search_and_explain(
+        self,
+        input_tensor: torch.Tensor,
+        search: Callable[[np.ndarray], Any],
+        class_mean_of: Callable[[Any], np.ndarray | None],
+    ) -> tuple[np.ndarray, Any, np.ndarray]:
+        """One forward pass for answer and explanation: returns (embedding, search result,
+        Grad-CAM map of the similarity to the class that `class_mean_of(result)` names)."""
+        target = SearchThenExplainTarget(search, class_mean_of)
+        with self.model() as model:
+            device = next(model.parameters()).device
+            heat = gradcam_heatmap(model, input_tensor.to(device), target=target)
+        if target.embedding is None:  # pragma: no cover - Grad-CAM always calls the target
+            raise RuntimeError("Grad-CAM did not evaluate its target")
+        return target.embedding, target.result, heat
 
     def explain_png(
         self,

@@ -103,6 +103,13 @@ def test_gradcam_overlay_keeps_the_upload_aspect_ratio(
     overlay = Image.open(io.BytesIO(base64.b64decode(answer["gradcam"]["overlay_png"])))
     assert overlay.format == "PNG"
     assert overlay.size == (150, 100)
+    # The one-pass explained answer is the same answer as without explanation.
+    plain = post_predict(client, headers["reader"], upload, explain=False).json()
+    assert plain["label"] == answer["label"] and plain["gradcam"] is None
+    assert plain["distances"] == pytest.approx(answer["distances"], abs=1e-5)
+    assert [n["reference_id"] for n in plain["neighbors"]] == [
+        n["reference_id"] for n in answer["neighbors"]
+    ]
 
     big = synthetic_xray("stripes", seed=32, size=(1200, 600), fmt="JPEG")
     response = post_predict(
