@@ -325,6 +325,7 @@ def run_predict_bench(
             "warning",
         ]
         rows: list[BenchRow] = []
+        warmup_5xx = 0
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
             try:
@@ -335,7 +336,7 @@ def run_predict_bench(
                     logger.info("bare: %.2f ms, with Grad-CAM %.2f ms", bare_ms, bare_explain_ms)
                     for explain in explain_modes:
                         # Short warm-up so lazy work (Grad-CAM copies) is not in the timings.
-                        asyncio.run(
+                        warmup = asyncio.run(
                             _drive(
                                 base_url,
                                 keys["reader"],
@@ -345,6 +346,7 @@ def run_predict_bench(
                                 explain=explain,
                             )
                         )
+                        warmup_5xx += warmup[2]
                         lat, errors, s5xx, elapsed = asyncio.run(
                             _drive(
                                 base_url,
@@ -371,6 +373,10 @@ def run_predict_bench(
                         rows.append(row)
             finally:
                 bare.close()
+                if warmup_5xx or any(r.status_5xx for r in rows) or proc.poll() is not None:
+                    logger.warning(
+                        "server log tail:\n%s", log_path.read_text(errors="replace")[-6000:]
+                    )
                 proc.terminate()
                 try:
                     proc.wait(timeout=30)

@@ -235,8 +235,15 @@ class ServiceState:
         self.inference_workers = max(1, int(configured or min(4, cpus)))
         if configure_threads:
             # One intra-op thread pool per concurrent inference would oversubscribe the cores:
-            # give each of the `inference_workers` concurrent forwards its share.
-            torch.set_num_threads(max(1, cpus // self.inference_workers))
+            # give each of the `inference_workers` concurrent forwards (and searches) its share.
+            # FAISS gets the same cap: measured on the 2-core machine, when torch is imported
+            # before faiss (as in every `cxr` process) a one-query search with 2 OpenMP threads
+            # took 24 ms instead of 0.3 ms (two OpenMP runtimes spinning against each other).
+            share = max(1, cpus // self.inference_workers)
+            torch.set_num_threads(share)
+            import faiss
+
+            faiss.omp_set_num_threads(share)
         self.device = resolve_device(settings.device)
         self.refresh_interval_s = refresh_interval_s
         self.retry_after_s = retry_after_s
