@@ -71,7 +71,7 @@ class TrainConfig:
     encoder: str = "covidnet"
     loss: str = "contrastive"
     epochs: int = 10
-    image_size: int = 112
+    image_size: int = 160
     batch_size: int = 64
     embedding_dim: int = 128
     lr: float = 2e-3

@@ -143,13 +143,18 @@ async def create_prediction(
 ) -> PredictionPublic:
     service = _service(request)
     data = await read_upload(file, limit=settings.max_upload_bytes)
+    api_key_id = key.id
+    # Give the connection the auth check used back to the pool now: requests queued for the
+    # inference limiter must not hold database connections (with 32 clients they exhausted
+    # the pool and timed out: measured). The session checks one out again in the worker.
+    session.close()
     work = partial(
         predict,
         service=service,
         session=session,
         data=data,
         settings=settings,
-        api_key_id=key.id,
+        api_key_id=api_key_id,
         explain=explain,
         k=k,
         method=method,

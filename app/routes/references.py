@@ -120,7 +120,7 @@ def read_references(
     _key: ReaderKey,
     label: Annotated[str | None, Query(max_length=64, description="Only this class")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1, description="rows to skip")] = 0,
 ) -> ReferencesPublic:
     rows, count = list_references(session=session, label=label, limit=limit, offset=offset)
     return ReferencesPublic(data=[ReferencePublic.model_validate(r) for r in rows], count=count)

@@ -216,6 +216,9 @@ def test_list_filter_and_paginate(client: TestClient, headers: H) -> None:
     assert none == {"data": [], "count": 0}
     bad = client.get("/references", headers=reader, params={"limit": 0})
     assert bad.status_code == 422 and "limit" in bad.json()["detail"]
+    # An offset past what the database's integers hold is the caller's error, not a 500.
+    huge = client.get("/references", headers=reader, params={"offset": 2**90})
+    assert huge.status_code == 422 and "offset" in huge.json()["detail"]
     assert client.get("/classes", headers=reader).json() == [
         {"label": "COVID-19", "count": 3},
         {"label": "Normal", "count": 5},
