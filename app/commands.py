@@ -28,7 +28,7 @@ class RoleChoice(enum.StrEnum):
     admin = "admin"
 
 
-def _settings(*, json_logs: bool = False) -> Settings:
+def cli_settings(*, json_logs: bool = False) -> Settings:
     """Settings from the environment, with insecure production settings as a clean exit.
     Interactive commands log human-readable lines to stderr; `serve` logs JSON (per settings)."""
     try:
@@ -68,7 +68,7 @@ def serve_command(
 
     from app.db.migrate import upgrade_to_head
 
-    settings = _settings()
+    settings = cli_settings()
     configure_logging(settings.log_level, json_logs=settings.log_json, stream=sys.stderr)
     # Migrate once here so N workers do not all queue on the migration lock at startup.
     if settings.auto_migrate:
@@ -99,7 +99,7 @@ def keys_create_command(
     """Create an API key and print it once, alone on stdout (only its hash is stored)."""
     from app.services.keys import create_api_key
 
-    settings = _settings()
+    settings = cli_settings()
     _row, plaintext = _with_session(
         settings,
         lambda s: create_api_key(session=s, role=role.value, name=name, settings=settings),
@@ -112,7 +112,7 @@ def keys_list_command() -> None:
     """List keys (id, role, prefix, dates); never the keys themselves."""
     from app.services.keys import list_api_keys
 
-    settings = _settings()
+    settings = cli_settings()
 
     def rows(session: Any) -> list[str]:
         lines = ["id\trole\tprefix\tname\tcreated_at\tlast_used_at\trevoked_at"]
@@ -134,7 +134,7 @@ def keys_revoke_command(
     """Revoke a key: it gets 401 from its next request on."""
     from app.services.keys import revoke_api_key
 
-    settings = _settings()
+    settings = cli_settings()
     try:
         _with_session(settings, lambda s: revoke_api_key(session=s, key_id=key_id))
     except LookupError as exc:
@@ -160,7 +160,7 @@ def references_import_command(
 
     from app.services.references import import_references
 
-    settings = _settings()
+    settings = cli_settings()
     if not src.exists():
         typer.echo(f"error: {src} does not exist", err=True)
         raise typer.Exit(code=2)
@@ -215,11 +215,19 @@ def register(cli: typer.Typer, bench: typer.Typer) -> None:
     cli.command("serve")(serve_command)
     cli.add_typer(keys_app, name="keys")
     cli.add_typer(references_app, name="references")
-    model_commands = _optional("app.model_commands", "models_add_command", "bench_predict_command")
+    model_commands = _optional(
+        "app.model_commands",
+        "models_add_command",
+        "models_list_command",
+        "models_activate_command",
+        "bench_predict_command",
+    )
     if model_commands is not None:
-        models_add_command, bench_predict_command = model_commands
+        add, list_, activate, bench_predict_command = model_commands
         models_app = typer.Typer(help="Model versions.", no_args_is_help=True)
-        models_app.command("add")(models_add_command)
+        models_app.command("add")(add)
+        models_app.command("list")(list_)
+        models_app.command("activate")(activate)
         cli.add_typer(models_app, name="models")
         bench.command("predict")(bench_predict_command)
     worker = _optional("app.jobs.worker", "worker_command")

@@ -8,6 +8,7 @@ calls and must see the change; building a `Settings` is cheap.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -68,6 +69,48 @@ class Settings(BaseSettings):
         default=True,
         description="Bring the schema to head at startup and in every CLI command (idempotent).",
     )
+    inference_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Predictions whose CPU work may run at once; unset: min(4, CPU count).",
+    )
+
+    # -- job system (read through `app.jobs.options.JobOptions.from_settings`) ------------------
+    jobs_queue: str = Field(
+        default="cxr.jobs",
+        min_length=1,
+        description="Celery queue the API publishes to and `cxr worker` consumes.",
+    )
+    job_heartbeat_s: float = Field(
+        default=10.0, gt=0, description="How often a running job writes `jobs.heartbeat_at`."
+    )
+    job_stale_after_s: float = Field(
+        default=120.0, gt=0, description="A `running` job silent this long is marked `failed`."
+    )
+    job_requeue_after_s: float = Field(
+        default=300.0, ge=0, description="A `queued` job nobody started is re-published this often."
+    )
+    job_queued_max_age_s: float = Field(
+        default=86_400.0, gt=0, description="A `queued` job older than this is marked `failed`."
+    )
+    job_reap_interval_s: float = Field(
+        default=30.0, gt=0, description="How often each API process runs the job reaper."
+    )
+    job_progress_interval_s: float = Field(
+        default=1.0, ge=0, description="Minimum seconds between two progress writes."
+    )
+    # Must exceed the longest retrain: Redis hands an unacknowledged message to another worker
+    # after this long. A duplicate delivery is harmless (the task only claims `queued` jobs), but
+    # a short timeout would make every long retrain look lost.
+    celery_visibility_timeout_s: float = Field(
+        default=6 * 3600.0, gt=0, description="Redis redelivers an unacked message after this."
+    )
+
+    @field_validator("inference_workers", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `CXR_INFERENCE_WORKERS=` (empty, as compose files write an unset knob) means default.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level")
     @classmethod
@@ -103,6 +146,11 @@ class Settings(BaseSettings):
             )
 
     # -- derived values ------------------------------------------------------------------------
+    @property
+    def effective_inference_workers(self) -> int:
+        """`inference_workers`, or min(4, CPU count) when it is unset."""
+        return self.inference_workers or min(4, os.cpu_count() or 1)
+
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")

@@ -8,7 +8,8 @@ run two against one database to check they see each other's writes).
 
 Startup (lifespan): configure logging, bring the schema to head (idempotent, locked against
 concurrent starters), open the engine, then build the inference side's `ServiceState` when that
-module is present. Every error leaves as JSON `{"detail": "..."}`; bad input is never a 500.
+module is present and load the active model and index into it. Every error leaves as JSON
+`{"detail": "..."}`; bad input is never a 500.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -167,6 +168,20 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def label_error(_request: Request, exc: InvalidLabelError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
 
+    @app.exception_handler(DataError)
+    async def invalid_data(_request: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value from the request (PostgreSQL: a NUL byte in a path or
+        # query parameter, a number out of range). That is bad input, not a server fault. The
+        # value itself is not logged: it may be a label or an identifier a user typed.
+        logger.warning("database refused a request value", extra={"error": type(exc.orig).__name__})
+        return JSONResponse(
+            status_code=422,
+            content={
+                "detail": "A value in the request cannot be used (for example it contains a NUL "
+                "byte or is out of range); fix the request and send it again."
+            },
+        )
+
     @app.exception_handler(OperationalError)
     async def database_unavailable(_request: Request, exc: OperationalError) -> JSONResponse:
         logger.warning("database unavailable", extra={"error": str(exc.orig)[:200]})
@@ -197,10 +212,25 @@ def _build_service(app: FastAPI) -> Any | None:
             raise
         logger.warning("app.state is missing: predictions are disabled in this build")
         return None
-    service = ServiceState(settings=app.state.settings, sessionmaker=app.state.sessionmaker)
-    if hasattr(service, "metrics"):
-        service.metrics = app.state.metrics  # gauges: index size, active model
-    return service
+    # `metrics`: the index-size and active-model gauges follow every bundle swap from the start.
+    return ServiceState(
+        settings=app.state.settings,
+        sessionmaker=app.state.sessionmaker,
+        metrics=app.state.metrics,
+    )
+
+
+def _warm_up(service: Any) -> None:
+    """Load the active model and index now, so /ready and the gauges are right from startup
+    and the first prediction does not pay for the load. Failures are logged, never fatal: the
+    service retries on the next request and /ready explains what is wrong."""
+    refresh = getattr(service, "refresh", None)
+    if not callable(refresh):
+        return
+    try:
+        refresh(wait=True)
+    except Exception:
+        logger.exception("could not load the model and index at startup; will retry")
 
 
 @asynccontextmanager
@@ -213,6 +243,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine = engine
     app.state.sessionmaker = create_sessionmaker(engine)
     app.state.service = _build_service(app)
+    _warm_up(app.state.service)
     logger.info(
         "service started",
         extra={"environment": settings.environment, "database": engine.dialect.name},

@@ -7,14 +7,13 @@ Output discipline: `cxr models add` prints the new version alone on stdout, so
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from app.bench import bench_predict_command
-from app.config import InsecureSettingsError, Settings, get_settings
+from app.commands import cli_settings
 
 logger = logging.getLogger(__name__)
 
@@ -24,18 +23,6 @@ __all__ = [
     "models_add_command",
     "models_list_command",
 ]
-
-
-def _settings() -> Settings:
-    try:
-        settings = get_settings()
-    except InsecureSettingsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from exc
-    from app.logging import configure_logging
-
-    configure_logging(settings.log_level, json_logs=False, stream=sys.stderr)
-    return settings
 
 
 def models_add_command(
@@ -50,7 +37,7 @@ def models_add_command(
     from app.db.migrate import prepare_database
     from app.services.models import InvalidCheckpointError, ModelFileMissingError, register_model
 
-    settings = _settings()
+    settings = cli_settings()
     factory = prepare_database(settings)
     try:
         with factory() as session:
@@ -75,7 +62,7 @@ def models_list_command() -> None:
     from app.db.migrate import prepare_database
     from app.services.models import list_models
 
-    settings = _settings()
+    settings = cli_settings()
     factory = prepare_database(settings)
     try:
         with factory() as session:
@@ -99,7 +86,7 @@ def models_activate_command(
     from app.db.migrate import prepare_database
     from app.services.models import ModelFileMissingError, ModelNotFoundError, activate_model
 
-    settings = _settings()
+    settings = cli_settings()
     factory = prepare_database(settings)
     try:
         with factory() as session:

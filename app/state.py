@@ -43,7 +43,13 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.db import Embedding, Model, Reference, ServiceStateRow
+from app.db import (
+    Embedding,
+    Model,
+    Reference,
+    ServiceStateRow,
+    insert_embeddings_ignoring_duplicates,
+)
 from app.gradcam import Explainer
 from index.reference_index import ReferenceIndex
 from training.checkpoint import load_checkpoint
@@ -219,7 +225,8 @@ class ServiceState:
         configure_threads: bool = True,
     ) -> None:
         """`inference_workers`: how many predictions may run their CPU work at once (the
-        route's thread limiter and the Grad-CAM copy pool); default from the CPU count.
+        route's thread limiter and the Grad-CAM copy pool); default
+        `settings.effective_inference_workers` (`CXR_INFERENCE_WORKERS`, else min(4, CPUs)).
         `refresh_interval_s`: 0 checks the database on every request (measured at well under
         a millisecond on SQLite); a positive value caches the check for that long.
         `on_swap` is told about every new bundle; `metrics` (the app's `app.metrics.Metrics`,
@@ -227,12 +234,9 @@ class ServiceState:
         self.settings = settings
         self.sessionmaker = sessionmaker
         cpus = os.cpu_count() or 1
-        configured = (
-            inference_workers
-            or getattr(settings, "inference_workers", None)
-            or _env_int("CXR_INFERENCE_WORKERS")
+        self.inference_workers = max(
+            1, int(inference_workers or settings.effective_inference_workers)
         )
-        self.inference_workers = max(1, int(configured or min(4, cpus)))
         if configure_threads:
             # One intra-op thread pool per concurrent inference would oversubscribe the cores:
             # give each of the `inference_workers` concurrent forwards (and searches) its share.
@@ -566,14 +570,14 @@ class ServiceState:
             for ref_id, vec in vectors.items()
         ]
         try:
-            session.execute(_insert_ignoring_duplicates(session), rows)
+            session.execute(insert_embeddings_ignoring_duplicates(session), rows)
             session.commit()
         except IntegrityError:
             # A reference deleted meanwhile (foreign key): store what still exists, one by one.
             session.rollback()
             for row in rows:
                 try:
-                    session.execute(_insert_ignoring_duplicates(session), [row])
+                    session.execute(insert_embeddings_ignoring_duplicates(session), [row])
                     session.commit()
                 except IntegrityError:
                     session.rollback()
@@ -620,12 +624,6 @@ class ServiceState:
         )
 
 
-def _env_int(name: str) -> int | None:
-    """A positive integer from the environment (tuning knobs not in `Settings`), else None."""
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
 def class_means(matrix: np.ndarray, labels: Iterable[str]) -> dict[str, np.ndarray]:
     """L2-normalised mean embedding of each class (the Grad-CAM similarity target)."""
     labels = list(labels)
@@ -636,19 +634,3 @@ def class_means(matrix: np.ndarray, labels: Iterable[str]) -> dict[str, np.ndarr
         norm = float(np.linalg.norm(mean))
         means[label] = (mean / norm if norm > 0 else mean).astype(np.float32)
     return means
-
-
-def _insert_ignoring_duplicates(session: Session) -> Any:
-    """`INSERT ... ON CONFLICT DO NOTHING` for `embeddings` on SQLite and PostgreSQL."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(Embedding).on_conflict_do_nothing()
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert(Embedding).on_conflict_do_nothing()
-    from sqlalchemy import insert
-
-    return insert(Embedding)

@@ -204,6 +204,20 @@ def _rgb_to_gray(arr: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 _PIL_FORMATS = {ImageFormat.PNG: ["PNG"], ImageFormat.JPEG: ["JPEG", "MPO"]}
+
+
+def _pil_formats(fmt: ImageFormat) -> list[str]:
+    """The Pillow plugin names for ``fmt`` that this Pillow build has registered.
+
+    Pillow raises ``KeyError`` from ``Image.open(..., formats=[...])`` for a name it has no
+    opener for (recent versions open MPO through the JPEG plugin and register no "MPO"
+    opener), which would surface as a 500 for any JPEG the JPEG plugin refuses.
+    """
+    Image.init()
+    names = [name for name in _PIL_FORMATS[fmt] if name in Image.OPEN]
+    return names or _PIL_FORMATS[fmt][:1]
+
+
 # Errors Pillow (and zlib underneath) raise on damaged files.
 _PIL_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -227,7 +241,7 @@ def _open_pil(data: bytes, fmt: ImageFormat, max_pixels: int | None) -> Image.Im
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS[fmt])
+            img = Image.open(io.BytesIO(data), formats=_pil_formats(fmt))
     except Image.DecompressionBombError as exc:
         limit = max_pixels if max_pixels is not None else 2 * int(Image.MAX_IMAGE_PIXELS or 0)
         size = _parse_header_size(data, fmt)
@@ -242,10 +256,10 @@ def _open_pil(data: bytes, fmt: ImageFormat, max_pixels: int | None) -> Image.Im
             f"The file starts like a {fmt.name} but its header cannot be read; it is damaged "
             "or truncated. Export the image again."
         ) from exc
-    except _PIL_ERRORS as exc:
+    except Exception as exc:  # _PIL_ERRORS, and anything else a damaged header provokes
         raise CorruptImageError(
-            f"The {fmt.name} header cannot be read ({exc}); the file is damaged. "
-            "Export the image again."
+            f"The {fmt.name} header cannot be read ({exc.__class__.__name__}: {exc}); the "
+            "file is damaged. Export the image again."
         ) from exc
     width, height = img.size
     _check_pixels(width, height, max_pixels)
@@ -361,6 +375,11 @@ def _decode_pil(data: bytes, fmt: ImageFormat, max_pixels: int | None) -> np.nda
         raise CorruptImageError(
             f"The {fmt.name} image cannot be decoded ({exc}); the file is truncated or "
             "damaged. Export the image again."
+        ) from exc
+    except Exception as exc:  # any other decoder failure on untrusted bytes is damage too
+        raise CorruptImageError(
+            f"The {fmt.name} image cannot be decoded ({exc.__class__.__name__}: {exc}); the "
+            "file is truncated or damaged. Export the image again."
         ) from exc
     finally:
         img.close()
@@ -531,15 +550,36 @@ def decode_image(data: bytes | Path | str, *, max_pixels: int | None = None) -> 
     """
     raw = _read_bytes(data)
     fmt = _format_or_raise(raw)
-    if fmt is ImageFormat.DICOM:
-        return _decode_dicom(raw, max_pixels)
-    return _decode_pil(raw, fmt, max_pixels)
+    try:
+        if fmt is ImageFormat.DICOM:
+            return _decode_dicom(raw, max_pixels)
+        return _decode_pil(raw, fmt, max_pixels)
+    except ImageError:
+        raise
+    except Exception as exc:  # untrusted bytes: any other decoder failure is damage
+        raise _unexpected(fmt, exc) from exc
+
+
+def _unexpected(fmt: ImageFormat, exc: Exception) -> CorruptImageError:
+    return CorruptImageError(
+        f"The {fmt.name} image cannot be read ({exc.__class__.__name__}: {exc}); the file is "
+        "truncated or damaged. Export the image again."
+    )
 
 
 def read_image_size(data: bytes | Path | str) -> tuple[int, int]:
     """Return ``(width, height)`` from the header alone, without decoding pixels."""
     raw = _read_bytes(data)
     fmt = _format_or_raise(raw)
+    try:
+        return _read_size(raw, fmt)
+    except ImageError:
+        raise
+    except Exception as exc:  # untrusted bytes: any other parser failure is damage
+        raise _unexpected(fmt, exc) from exc
+
+
+def _read_size(raw: bytes, fmt: ImageFormat) -> tuple[int, int]:
     if fmt is ImageFormat.DICOM:
         width, height = _dicom_size(_read_dicom(raw, stop_before_pixels=True))
         return width, height

@@ -7,7 +7,9 @@ reader compares it with the version it has loaded.
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from typing import Any
+
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import (
@@ -40,6 +42,7 @@ __all__ = [
     "get_active_model",
     "get_index_version",
     "get_session",
+    "insert_embeddings_ignoring_duplicates",
     "new_id",
     "set_active_model",
     "utcnow",
@@ -97,3 +100,22 @@ def set_active_model(session: Session, version: str) -> int:
     session.execute(update(Model).where(Model.version == version).values(active=True))
     session.expire_all()
     return bump_index_version(session)
+
+
+def insert_embeddings_ignoring_duplicates(session: Session) -> Any:
+    """`INSERT INTO embeddings ... ON CONFLICT DO NOTHING` on SQLite and PostgreSQL.
+
+    Serving processes and retrain jobs may embed the same reference for the same model at once;
+    the second writer's row is skipped instead of failing the whole batch. Other backends get a
+    plain INSERT.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(Embedding).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(Embedding).on_conflict_do_nothing()
+    return insert(Embedding)

@@ -1,9 +1,8 @@
 """Tunables of the job system (queue name, heartbeat and reaper timings, Celery visibility).
 
-They are read from `Settings` when it defines them (e.g. `settings.job_heartbeat_s`), else from
-the same `CXR_*` environment variables, else the defaults below. Reading them here rather than
-adding fields to `Settings` keeps the job system's knobs in one place and lets a test point a
-worker at its own queue with one environment variable.
+They are fields of the one `app.config.Settings` (so the usual `CXR_*` variables set them);
+`JobOptions.from_settings` gathers them into one frozen object the job code passes around, and
+checks that they agree with each other.
 
 | variable | default | meaning |
 |---|---|---|
@@ -19,20 +18,9 @@ worker at its own queue with one environment variable.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
-_ENV_NAMES: dict[str, str] = {
-    "queue": "CXR_JOBS_QUEUE",
-    "heartbeat_s": "CXR_JOB_HEARTBEAT_S",
-    "stale_after_s": "CXR_JOB_STALE_AFTER_S",
-    "requeue_after_s": "CXR_JOB_REQUEUE_AFTER_S",
-    "queued_max_age_s": "CXR_JOB_QUEUED_MAX_AGE_S",
-    "reap_interval_s": "CXR_JOB_REAP_INTERVAL_S",
-    "progress_interval_s": "CXR_JOB_PROGRESS_INTERVAL_S",
-    "visibility_timeout_s": "CXR_CELERY_VISIBILITY_TIMEOUT_S",
-}
+from app.config import Settings, get_settings
 
 
 @dataclass(frozen=True)
@@ -52,25 +40,19 @@ class JobOptions:
     visibility_timeout_s: float = 6 * 3600.0
 
     @classmethod
-    def from_settings(cls, settings: Any | None = None) -> JobOptions:
-        """Options from `settings.job_*` attributes, then `CXR_*` variables, then defaults."""
-        values: dict[str, Any] = {}
-        for field in fields(cls):
-            attr = "jobs_queue" if field.name == "queue" else f"job_{field.name}"
-            if field.name == "visibility_timeout_s":
-                attr = "celery_visibility_timeout_s"
-            value = getattr(settings, attr, None) if settings is not None else None
-            if value is None:
-                value = os.environ.get(_ENV_NAMES[field.name]) or None
-            if value is None:
-                continue
-            try:
-                values[field.name] = str(value) if field.name == "queue" else float(value)
-            except ValueError:
-                raise ValueError(
-                    f"{_ENV_NAMES[field.name]}={value!r} is not a number of seconds"
-                ) from None
-        options = cls(**values)
+    def from_settings(cls, settings: Settings | None = None) -> JobOptions:
+        """Options from `settings` (default: `get_settings()`, i.e. the environment)."""
+        settings = settings if settings is not None else get_settings()
+        options = cls(
+            queue=settings.jobs_queue,
+            heartbeat_s=settings.job_heartbeat_s,
+            stale_after_s=settings.job_stale_after_s,
+            requeue_after_s=settings.job_requeue_after_s,
+            queued_max_age_s=settings.job_queued_max_age_s,
+            reap_interval_s=settings.job_reap_interval_s,
+            progress_interval_s=settings.job_progress_interval_s,
+            visibility_timeout_s=settings.celery_visibility_timeout_s,
+        )
         if options.stale_after_s <= options.heartbeat_s:
             raise ValueError(
                 "CXR_JOB_STALE_AFTER_S must be larger than CXR_JOB_HEARTBEAT_S (a few heartbeats), "

@@ -46,6 +46,7 @@ import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.db import insert_embeddings_ignoring_duplicates
 from app.db.models import Embedding, Job, Model, Reference, utcnow
 from app.jobs.heartbeat import Heartbeat
 from app.jobs.options import JobOptions
@@ -698,25 +699,9 @@ def store_embeddings(
             if ref_id in still_there
         ]
         if rows:
-            session.execute(_insert_embeddings(session), rows)
+            session.execute(insert_embeddings_ignoring_duplicates(session), rows)
             session.commit()
     return len(rows)
-
-
-def _insert_embeddings(session: Session) -> Any:
-    """INSERT that skips rows already stored (e.g. by a serving process) on both backends."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(Embedding).on_conflict_do_nothing()
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert(Embedding).on_conflict_do_nothing()
-    from sqlalchemy import insert
-
-    return insert(Embedding)
 
 
 def _class_counts(refs: Sequence[RefSnapshot]) -> dict[str, int]:

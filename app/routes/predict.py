@@ -97,9 +97,6 @@ def _service(request: Request) -> ServiceState:
             status_code=503,
             detail="The prediction service is not started; check the server log.",
         )
-    if getattr(service, "metrics", None) is None:
-        service.metrics = getattr(request.app.state, "metrics", None)
-        service.update_gauges()
     return service
 
 

@@ -14,9 +14,6 @@ transaction, so every API process reloads at its next request.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Model, set_active_model, utcnow
+from app.files import atomic_copy
 from app.state import file_sha256, resolve_data_path
 from training.checkpoint import load_checkpoint
 
@@ -64,21 +62,6 @@ def make_version(sha256: str, *, now: datetime | None = None) -> str:
     return f"m-{now:%Y%m%d-%H%M%S}-{sha256[:8]}"
 
 
-def _copy_atomically(source: Path, target: Path) -> None:
-    """Copy to a temp file in the target directory, fsync, rename: never a half-written file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, length=1024 * 1024)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def register_model(
     *,
     session: Session,
@@ -113,7 +96,7 @@ def register_model(
 
     version = make_version(digest)
     rel = Path("models") / f"{version}.pt"
-    _copy_atomically(checkpoint, settings.data_dir / rel)
+    atomic_copy(checkpoint, settings.data_dir / rel)
     stored = file_sha256(settings.data_dir / rel)
     if stored != digest:  # the source changed while we copied it
         (settings.data_dir / rel).unlink(missing_ok=True)

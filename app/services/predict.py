@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Prediction, new_id, utcnow
+from app.files import atomic_write_bytes
 from app.gradcam import overlay_png
 from app.schemas_predict import GradcamPublic, NeighborPublic, PredictionPublic
 from app.state import NO_MODEL_REASON, NO_REFERENCES_REASON, ModelBundle, ServiceState
@@ -143,22 +142,13 @@ def explain_query(
 
 def _store_upload(data: bytes, prediction_id: str, settings: Settings) -> str:
     """Write the upload (DICOM de-identified first) under `predictions/`; path relative to
-    data_dir. Temp file + rename, so a crash never leaves a partial image under a real name."""
+    data_dir. Atomic (`app.files`), so a crash never leaves a partial image under a real name."""
     fmt = sniff_format(data)
     if fmt is ImageFormat.DICOM:
         data = deidentify_dicom(data)
     ext = _EXTENSIONS.get(fmt, "bin") if fmt is not None else "bin"
     rel = Path("predictions") / prediction_id[:2] / f"{prediction_id}.{ext}"
-    target = settings.data_dir / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(settings.data_dir / rel, data)
     return rel.as_posix()
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Reference, bump_index_version, new_id, utcnow
+from app.files import atomic_write_bytes
 from training.imaging import (
     CorruptImageError,
     ImageError,
@@ -152,17 +151,7 @@ def _store(prepared: PreparedImage, *, settings: Settings) -> str:
     target = settings.data_dir / rel
     if target.is_file() and target.stat().st_size == len(prepared.data):
         return rel.as_posix()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(prepared.data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, prepared.data)
     return rel.as_posix()
 
 

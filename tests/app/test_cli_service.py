@@ -43,6 +43,8 @@ def test_registers_service_commands() -> None:
     register(app, bench)
     names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
     assert {"serve", "keys", "references"} <= names
+    models = next(g.typer_instance for g in app.registered_groups if g.name == "models")
+    assert {c.name for c in models.registered_commands} == {"add", "list", "activate"}
 
 
 def test_keys_create_prints_only_the_key(

@@ -142,6 +142,21 @@ def test_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
         JobOptions.from_settings(None)
 
 
+def test_job_options_are_fields_of_the_one_settings(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXR_JOBS_QUEUE", "from-env")
+    monkeypatch.setenv("CXR_CELERY_VISIBILITY_TIMEOUT_S", "123")
+    settings = make_settings(job_heartbeat_s=2, job_reap_interval_s=5)
+    assert (settings.jobs_queue, settings.celery_visibility_timeout_s) == ("from-env", 123.0)
+    options = JobOptions.from_settings(settings)
+    assert (options.queue, options.heartbeat_s, options.reap_interval_s) == ("from-env", 2.0, 5.0)
+    assert options.visibility_timeout_s == 123.0
+    monkeypatch.setenv("CXR_JOB_HEARTBEAT_S", "soon")
+    with pytest.raises(ValueError, match="job_heartbeat_s"):
+        make_settings()
+
+
 # -- HTTP contract ----------------------------------------------------------------------------
 
 
@@ -298,8 +313,9 @@ def test_reaper_fails_silent_jobs_and_republishes_lost_queued_ones(
     assert again.republished == [] and again.failed == []
 
     # GET /jobs/{id} reaps lazily: the alive job's worker goes silent, the API notices at once.
-    monkeypatch.setenv("CXR_JOB_STALE_AFTER_S", "0.5")
-    monkeypatch.setenv("CXR_JOB_HEARTBEAT_S", "0.1")
+    # (job tunables are Settings fields: change the running app's settings, not the environment)
+    monkeypatch.setattr(app.state.settings, "job_stale_after_s", 0.5)
+    monkeypatch.setattr(app.state.settings, "job_heartbeat_s", 0.1)
     with app.state.sessionmaker() as session:
         session.get(Job, "alive").heartbeat_at = now - timedelta(seconds=5)  # type: ignore[union-attr]
         session.commit()

@@ -161,3 +161,48 @@ def test_cli_models_add_prints_the_version_alone(
     result = runner.invoke(cli, ["models", "add", str(bad)])
     assert result.exit_code == 2
     assert result.stdout == "" and "cxr train" in result.stderr
+
+
+def _cli_add(runner: CliRunner, checkpoint: Path, *extra: str) -> str:
+    from app.cli import cli
+
+    result = runner.invoke(cli, ["models", "add", str(checkpoint), *extra])
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip()
+
+
+def test_cli_models_list_shows_every_version_and_the_active_one(
+    data_dir: Path, checkpoint_a: Path, checkpoint_b: Path
+) -> None:
+    from app.cli import cli
+
+    runner = CliRunner()
+    first = _cli_add(runner, checkpoint_a, "--activate")
+    second = _cli_add(runner, checkpoint_b)
+    result = runner.invoke(cli, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    header, *rows = result.stdout.splitlines()
+    assert header.split("\t")[:2] == ["version", "active"]
+    by_version = {row.split("\t")[0]: row.split("\t") for row in rows}
+    assert set(by_version) == {first, second}
+    assert by_version[first][1] == "active" and by_version[second][1] == "-"
+    assert by_version[first][4] == "cli"
+
+
+def test_cli_models_activate_switches_and_refuses_unknown_versions(
+    data_dir: Path, checkpoint_a: Path, checkpoint_b: Path
+) -> None:
+    from app.cli import cli
+
+    runner = CliRunner()
+    first = _cli_add(runner, checkpoint_a, "--activate")
+    second = _cli_add(runner, checkpoint_b)
+    result = runner.invoke(cli, ["models", "activate", second])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == second
+    listed = runner.invoke(cli, ["models", "list"]).stdout.splitlines()[1:]
+    active = {row.split("\t")[0] for row in listed if row.split("\t")[1] == "active"}
+    assert active == {second} and first != second
+    missing = runner.invoke(cli, ["models", "activate", "m-nope"])
+    assert missing.exit_code == 2
+    assert missing.stdout == "" and "m-nope" in missing.stderr

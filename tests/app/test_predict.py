@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+from collections.abc import Callable
 
 import pytest
 from fastapi import FastAPI
@@ -11,7 +13,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
+from app.config import Settings
 from app.db import ApiKey, Prediction
+from app.main import create_app
+from app.state import ServiceState
 from tests.app.conftest_predict import CLASS_KINDS, enroll, post_predict, synthetic_xray
 
 ANSWER_FIELDS = {
@@ -215,3 +220,34 @@ def test_new_reference_is_used_by_next_prediction(
     assert second["index_version"] > first["index_version"]
     assert second["neighbors"][0]["reference_id"] == added[0]["id"]
     assert second["neighbors"][0]["distance"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_gauges_are_set_at_startup_before_any_prediction(
+    app: FastAPI, enrolled: dict[str, list[dict]]
+) -> None:
+    # A second process on the same database: its gauges come from startup, not a prediction.
+    fresh = create_app(app.state.settings)
+    with TestClient(fresh) as client:
+        metrics = client.get("/metrics").text
+        assert "cxr_index_size 12.0" in metrics
+        model_version = fresh.state.service.model_version
+        assert model_version is not None
+        assert f'cxr_active_model_info{{version="{model_version}"}} 1.0' in metrics
+    assert fresh.state.metrics is fresh.state.service.metrics
+
+
+def test_inference_workers_come_from_settings(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def workers(settings: Settings) -> int:
+        state = ServiceState(settings=settings, sessionmaker=lambda: None, configure_threads=False)
+        return state.inference_workers
+
+    monkeypatch.delenv("CXR_INFERENCE_WORKERS", raising=False)
+    default = make_settings()
+    assert default.inference_workers is None
+    assert workers(default) == min(4, os.cpu_count() or 1)
+    monkeypatch.setenv("CXR_INFERENCE_WORKERS", "3")
+    assert make_settings().inference_workers == 3
+    assert workers(make_settings()) == 3
+    assert workers(make_settings(inference_workers=7)) == 7

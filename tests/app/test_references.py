@@ -104,6 +104,14 @@ def test_duplicate_returns_existing(client: TestClient, app: FastAPI, headers: H
         ("notes.png", b"this is a text file, renamed to .png\n" * 4, 415),
         ("truncated.png", png_bytes(7, (128, 128))[:300], 400),
         ("truncated.jpg", jpeg_bytes(8, (128, 128))[:400], 400),
+        # cuts inside the JPEG header used to escape Pillow as KeyError('MPO') -> 500
+        ("jpeg-magic.jpg", jpeg_bytes(8)[:3], 400),
+        ("jpeg-20.jpg", jpeg_bytes(8)[:20], 400),
+        ("jpeg-10pct.jpg", jpeg_bytes(8)[: len(jpeg_bytes(8)) // 10], 400),
+        ("jpeg-90pct.jpg", jpeg_bytes(8)[: len(jpeg_bytes(8)) * 9 // 10], 400),
+        ("png-header.png", png_bytes(7)[:33], 400),
+        ("png-10pct.png", png_bytes(7)[: len(png_bytes(7)) // 10], 400),
+        ("png-90pct.png", png_bytes(7)[: len(png_bytes(7)) * 9 // 10], 400),
         ("bomb.png", png_claiming(50_000, 50_000), 413),
         ("bad.dcm", b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage" * 10, 400),
     ],
@@ -363,3 +371,23 @@ def test_database_down_is_503_not_500(make_settings: Callable[..., Settings]) ->
         assert response.headers["Retry-After"] == "5"
         ready = client.get("/ready")
         assert ready.status_code == 503 and "database unreachable" in ready.json()["detail"]
+
+
+def test_nul_bytes_in_path_or_query_are_422_not_500_on_postgres(
+    make_settings: Callable[..., Settings], postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PostgreSQL refuses NUL in text parameters (psycopg DataError); SQLite accepts them.
+    app = create_app(make_settings(database_url=postgres_url))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        admin = {"X-API-Key": new_key(app, "admin")}
+        caplog.set_level(logging.INFO)
+        for method, url in [
+            ("GET", "/references?label=secret%00name"),
+            ("DELETE", "/references/secret%00name"),
+            ("POST", "/admin/models/secret%00name/activate"),
+            ("GET", "/jobs/secret%00name"),
+        ]:
+            response = client.request(method, url, headers=admin)
+            assert response.status_code == 422, (url, response.text)
+            assert "NUL" in response.json()["detail"]
+    assert "secret" not in caplog.text  # the refused value is not logged

@@ -193,7 +193,7 @@ def test_worker_retrains_hot_swaps_rolls_back_and_survives_sigkill(
     assert not (settings.data_dir / "jobs" / killed_id).exists()
     assert predict_version(client, headers["reader"]) == version
     # The slot is free again.
-    monkeypatch.setenv("CXR_JOB_REQUEUE_AFTER_S", "3600")
+    monkeypatch.setattr(app.state.settings, "job_requeue_after_s", 3600.0)
     assert client.post("/admin/retrain", headers=admin, json=TINY).status_code == 202
 
 

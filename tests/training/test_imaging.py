@@ -233,6 +233,70 @@ def test_truncated_png_and_jpeg_are_corrupt() -> None:
         decode_image(png_bytes(noisy)[:30])
 
 
+def _noisy_png_and_jpeg() -> dict[str, bytes]:
+    noisy = np.random.default_rng(1).integers(0, 256, (64, 48), dtype=np.uint8)
+    return {"png": png_bytes(noisy), "jpeg": jpeg_bytes(noisy)}
+
+
+def _header_length(kind: str, data: bytes) -> int:
+    """Bytes up to the first pixel data: PNG signature + IHDR, JPEG up to the SOS segment."""
+    if kind == "png":
+        return 8 + 25
+    sos = data.index(b"\xff\xda")
+    return sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+@pytest.mark.parametrize("cut", ["magic", "20 bytes", "header only", "10%", "50%", "90%"])
+def test_every_truncation_is_corrupt_never_another_exception(kind: str, cut: str) -> None:
+    # A JPEG cut inside its header used to escape as KeyError('MPO') from Pillow.
+    data = _noisy_png_and_jpeg()[kind]
+    length = {
+        "magic": 3 if kind == "jpeg" else 8,
+        "20 bytes": 20,
+        "header only": _header_length(kind, data),
+        "10%": len(data) // 10,
+        "50%": len(data) // 2,
+        "90%": len(data) * 9 // 10,
+    }[cut]
+    truncated = data[:length]
+    with pytest.raises(CorruptImageError):
+        decode_image(truncated)
+    try:  # the size is in the header: either it is read, or the file is refused as corrupt
+        size = read_image_size(truncated)
+    except CorruptImageError:
+        assert length <= _header_length(kind, data)
+    else:
+        assert size == (48, 64)
+
+
+def test_unexpected_decoder_exceptions_become_corrupt(monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.imaging as imaging
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise KeyError("MPO")
+
+    data = _noisy_png_and_jpeg()["jpeg"]
+    monkeypatch.setattr(imaging.Image, "open", boom)
+    with pytest.raises(CorruptImageError, match="KeyError"):
+        decode_image(data)
+    with pytest.raises(CorruptImageError):
+        read_image_size(data)
+    monkeypatch.setattr(imaging, "_dcmread", boom)
+    with pytest.raises(CorruptImageError):
+        decode_image(dicom_bytes(gradient()))
+
+
+def test_too_large_and_unsupported_stay_distinct_from_corrupt() -> None:
+    with pytest.raises(ImageTooLargeError):
+        decode_image(bomb_png())
+    with pytest.raises(UnsupportedImageError):
+        decode_image(b"GIF89a" + b"\x00" * 64)
+    data = _noisy_png_and_jpeg()["jpeg"]
+    with pytest.raises(ImageTooLargeError):
+        decode_image(data, max_pixels=100)
+
+
 def test_png_bomb_header_is_refused_fast_without_decoding() -> None:
     data = bomb_png()
     assert len(data) < 200
