@@ -64,7 +64,6 @@ class Settings(BaseSettings):
     index_factory: str = Field(default="auto", description="FAISS index factory for the index.")
     log_level: str = Field(default="INFO")
     log_json: bool = Field(default=True, description="JSON log lines (False: human-readable).")
-    request_timeout_s: float = Field(default=60.0, gt=0)
     auto_migrate: bool = Field(
         default=True,
         description="Bring the schema to head at startup and in every CLI command (idempotent).",
