@@ -180,11 +180,7 @@ def load_checkpoint(path: Path | str, *, map_location: str | torch.device = "cpu
     try:
         preprocessing = Preprocessing.from_dict(payload["preprocessing"])
         encoder = create_encoder(name, embedding_dim=int(payload["embedding_dim"]), **kwargs)
-        state = payload["state_dict"]
-        if "head.bias" in state and encoder.head.bias is None:
-            # Checkpoints written before the projection head lost its bias still load as trained.
-            encoder.head = nn.Linear(encoder.head.in_features, encoder.head.out_features)
-        encoder.load_state_dict(state, strict=True)
+        encoder.load_state_dict(payload["state_dict"], strict=True)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise _fail(path, f"cannot rebuild encoder {name!r} ({exc})") from None
     encoder.to(map_location).eval()

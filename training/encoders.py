@@ -60,11 +60,7 @@ class Encoder(nn.Module):
         self.feature_dim = feature_dim
         self.embedding_dim = embedding_dim
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # No bias: a constant offset before L2 normalisation pulls every embedding towards one
-        # direction, and while batch-norm statistics are still near their initial values (an
-        # untrained or barely trained encoder, e.g. a first retrain on a few references) it
-        # dominates the tiny pooled features and all images map to nearly the same point.
-        self.head = nn.Linear(feature_dim, embedding_dim, bias=False)
+        self.head = nn.Linear(feature_dim, embedding_dim)
         # target_layer is part of backbone; keep it out of the module tree (no duplicate params).
         object.__setattr__(self, "target_layer", target_layer)
 

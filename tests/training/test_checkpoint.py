@@ -55,21 +55,6 @@ def test_round_trip_gives_identical_embeddings(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["encoder.pt"]
 
 
-def test_checkpoint_with_a_biased_head_still_loads(tmp_path: Path) -> None:
-    """Checkpoints from before the head lost its bias keep their trained behaviour."""
-    path = tmp_path / "old.pt"
-    encoder = _save(path)
-    payload = torch.load(path, weights_only=True)
-    encoder.head = torch.nn.Linear(encoder.head.in_features, encoder.head.out_features)
-    torch.nn.init.normal_(encoder.head.bias)
-    payload["state_dict"] = encoder.state_dict()
-    torch.save(payload, path)
-    loaded = load_checkpoint(path)
-    x = torch.randn(3, 1, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(loaded.encoder(x), encoder.eval()(x))
-
-
 def test_truncated_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "encoder.pt"
     _save(path)
