@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from app.commands import register as register_service_commands
 from index.bench import bench_index_command
 from training.cli import bench_train_command, evaluate_command, train_command
 
@@ -25,15 +26,8 @@ cli.command("evaluate")(evaluate_command)
 bench.command("train")(bench_train_command)
 bench.command("index")(bench_index_command)
 
-# Service commands (serve, worker, keys, models, references, bench predict) are registered in
-# app/commands.py by the service issue.
-try:  # pragma: no cover - removed once app/commands.py exists
-    from app.commands import register as _register_service_commands
-except ModuleNotFoundError as exc:  # pragma: no cover
-    if exc.name != "app.commands":
-        raise
-else:
-    _register_service_commands(cli, bench)
+# Service commands (serve, worker, keys, models, references, bench predict).
+register_service_commands(cli, bench)
 
 
 def main() -> None:

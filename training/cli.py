@@ -106,7 +106,10 @@ def train_command(
         _DEFAULTS.encoder,
         help="resnet9, resnet9_half, covidnet, sepconv, resnet18, resnet50 or densenet121.",
     ),
-    loss: str = typer.Option(_DEFAULTS.loss, help="contrastive, triplet, pair or classifier."),
+    loss: str = typer.Option(
+        _DEFAULTS.loss,
+        help="contrastive, triplet, supcon, pair, classifier or hybrid (contrastive + CE).",
+    ),
     epochs: int = typer.Option(_DEFAULTS.epochs, min=1, help="Maximum epochs (may stop early)."),
     image_size: int = typer.Option(_DEFAULTS.image_size, min=8, help="Resize to SIZE x SIZE."),
     batch_size: int = typer.Option(_DEFAULTS.batch_size, min=2, help="Class-balanced batch size."),

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ClassifierLoss",
+    "HybridLoss",
     "MetricLoss",
     "PairLoss",
     "create_loss",
@@ -200,6 +201,20 @@ class ClassifierLoss(nn.Module):
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
 
+def _supcon(*, temperature: float = 0.1, **_: Any) -> MetricLoss:
+    """Supervised contrastive loss (Khosla et al., 2020) over every pair of the batch.
+
+    Each image is pulled towards all same-class images *relative to* all others through a
+    softmax over cosine similarities, so every negative contributes in proportion to how hard
+    it is; no miner or margin to tune, only the temperature (0.1 as in the paper). With the
+    class-balanced sampler each batch holds ``m_per_class`` positives of every class, the rare
+    COVID-19 class included.
+    """
+    if not temperature > 0:
+        raise ValueError(f"supcon temperature must be positive, got {temperature}")
+    return MetricLoss(losses.SupConLoss(temperature=temperature))
+
+
 def _pair(*, embedding_dim: int, balanced: bool = True, **_: Any) -> PairLoss:
     return PairLoss(embedding_dim, balanced=balanced)
 
@@ -222,11 +237,42 @@ def _classifier(
     )
 
 
+class HybridLoss(nn.Module):
+    """A metric loss plus ``ce_weight`` times the classifier's cross-entropy on the same batch.
+
+    The pairwise term shapes the *distances* the service searches (what k-NN and the unknown
+    flag rely on); the cross-entropy term, through a linear head that is thrown away after
+    training, adds a global pull of every class away from every other one, which a batch of
+    pairs only sees locally. Both act on the same unit-norm embedding.
+    """
+
+    def __init__(self, metric: nn.Module, classifier: ClassifierLoss, *, ce_weight: float) -> None:
+        super().__init__()
+        self.metric = metric
+        self.classifier = classifier
+        self.ce_weight = ce_weight
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.metric(embeddings, labels) + self.ce_weight * self.classifier(
+            embeddings, labels
+        )
+
+
+def _hybrid(*, ce_weight: float = 0.5, **kwargs: Any) -> HybridLoss:
+    """``contrastive`` (margins, miner, distance) + ``ce_weight`` x ``classifier`` (CE or focal,
+    scale, label smoothing): each part takes the options it knows from the same ``kwargs``."""
+    if not ce_weight >= 0:
+        raise ValueError(f"hybrid ce_weight must be >= 0, got {ce_weight}")
+    return HybridLoss(_contrastive(**kwargs), _classifier(**kwargs), ce_weight=ce_weight)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "contrastive": _contrastive,
     "triplet": _triplet,
+    "supcon": _supcon,
     "pair": _pair,
     "classifier": _classifier,
+    "hybrid": _hybrid,
 }
 
 

@@ -64,14 +64,9 @@ class RetrainChoices:
 def retrain_choices() -> RetrainChoices:
     """The encoder and loss names training knows (its registries are the single source)."""
     from training.encoders import list_encoders
+    from training.losses import list_losses
 
-    try:
-        from training.losses import list_losses
-    except ModuleNotFoundError:  # pragma: no cover - training/losses.py not there yet
-        losses: list[str] = []
-    else:
-        losses = list(list_losses())
-    return RetrainChoices(encoders=list(list_encoders()), losses=losses)
+    return RetrainChoices(encoders=list(list_encoders()), losses=list(list_losses()))
 
 
 def validate_retrain_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +87,7 @@ def validate_retrain_params(params: dict[str, Any]) -> dict[str, Any]:
         problems.append(
             f"unknown encoder {clean['encoder']!r}; choose one of: {', '.join(choices.encoders)}"
         )
-    if "loss" in clean and choices.losses and clean["loss"] not in choices.losses:
+    if "loss" in clean and clean["loss"] not in choices.losses:
         problems.append(
             f"unknown loss {clean['loss']!r}; choose one of: {', '.join(choices.losses)}"
         )

@@ -16,8 +16,8 @@ def _unit(*points: tuple[float, float]) -> torch.Tensor:
 
 
 def test_names_and_unknown() -> None:
-    assert list_losses() == ["contrastive", "triplet", "pair", "classifier"]
-    with pytest.raises(ValueError, match="contrastive, triplet, pair, classifier"):
+    assert list_losses() == ["contrastive", "triplet", "supcon", "pair", "classifier", "hybrid"]
+    with pytest.raises(ValueError, match="supcon, pair, classifier, hybrid"):
         create_loss("arcface", embedding_dim=2, num_classes=2)
 
 
@@ -68,6 +68,46 @@ def test_triplet_semihard_matches_hand_computation() -> None:
     ]
     expected = sum(max(0.0, ap - an + 0.6) for ap, an in semihard) / len(semihard)
     assert loss(e, y).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_supcon_matches_hand_computation() -> None:
+    # Unit vectors at 0, 90, 180 degrees; labels a, a, b. Cosine similarities: s01 = 0,
+    # s02 = -1, s12 = 0. With temperature t, anchor i's positive p contributes
+    # -log(exp(s_ip / t) / sum_{j != i} exp(s_ij / t)); anchors without a positive (2) are
+    # left out, and the loss is the mean over anchors of the mean over their positives.
+    e = _unit((1, 0), (0, 1), (-1, 0))
+    y = torch.tensor([0, 0, 1])
+    t = 0.5
+    loss = create_loss("supcon", embedding_dim=2, num_classes=2, temperature=t)
+    anchor0 = -math.log(math.exp(0 / t) / (math.exp(0 / t) + math.exp(-1 / t)))
+    anchor1 = -math.log(math.exp(0 / t) / (math.exp(0 / t) + math.exp(0 / t)))
+    assert loss(e, y).item() == pytest.approx((anchor0 + anchor1) / 2, abs=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        create_loss("supcon", embedding_dim=2, num_classes=2, temperature=0.0)
+
+
+def test_hybrid_is_contrastive_plus_weighted_cross_entropy() -> None:
+    e = _unit((1, 0), (0, 1), (-1, 0), (0, -1))
+    y = torch.tensor([0, 0, 1, 1])
+    loss = create_loss(
+        "hybrid",
+        embedding_dim=2,
+        num_classes=2,
+        pos_margin=0.5,
+        neg_margin=1.6,
+        ce_weight=0.25,
+        scale=2.0,
+    )
+    with torch.no_grad():
+        loss.classifier.head.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+        loss.classifier.head.bias.zero_()
+    contrastive = (math.sqrt(2) - 0.5) + (1.6 - math.sqrt(2))  # as in the contrastive test
+    # Logits = head(2 e): (2, -2), (0, 0), (-2, 2), (0, 0); targets 0, 0, 1, 1.
+    ce = (-math.log(1 / (1 + math.exp(-4))) - math.log(0.5)) / 2
+    assert loss(e, y).item() == pytest.approx(contrastive + 0.25 * ce, abs=1e-5)
+    assert len(list(loss.parameters())) == 2  # the head is trained with the encoder
+    with pytest.raises(ValueError, match="ce_weight"):
+        create_loss("hybrid", embedding_dim=2, num_classes=2, ce_weight=-1.0)
 
 
 def test_pair_loss_matches_hand_bce() -> None:

@@ -49,6 +49,16 @@ def test_learns_far_above_chance(trained: tuple) -> None:
     assert result.metrics["evaluated_split"] == "test"
 
 
+@pytest.mark.parametrize("loss", ["supcon", "hybrid"])
+def test_other_losses_learn_too(loss: str, shapes: Path, tmp_path: Path) -> None:
+    """The losses added after the first comparison learn the same shapes, not just run."""
+    result = train(_config(shapes, tmp_path, loss=loss))
+    assert result.metrics["test"]["knn"]["balanced_accuracy"] > 0.8, result.metrics["test"]
+    if loss == "hybrid":  # the CE head is a trained parameter of the loss
+        state = torch.load(tmp_path / "last.pt", weights_only=False)
+        assert "classifier.head.weight" in state["loss"]
+
+
 def test_run_directory_contents(trained: tuple) -> None:
     result, fractions = trained
     run = result.run_dir
