@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from training.train import TrainConfig, train
+from training.train import TrainConfig, default_threads, train
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,9 @@ def run_train_bench(
     Rows are written to ``out`` after each combo, so a long benchmark that is interrupted
     keeps what it finished.
     """
+    # Resolve the thread count once: measured per combo, the load average would include the
+    # previous combo's own training and hand every later combo fewer threads than the first.
+    base = dataclasses.replace(base, threads=base.threads or default_threads())
     rows: list[dict[str, Any]] = []
     for combo in combos:
         config = dataclasses.replace(

@@ -237,6 +237,9 @@ def bench_train_command(
     image_size: int = typer.Option(_DEFAULTS.image_size, min=8, help="Image size for every combo."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, help="Seed shared by every combo."),
+    threads: int | None = typer.Option(
+        None, min=1, help="torch CPU threads for every combo (default: idle cores at the start)."
+    ),
     out: Path = typer.Option(Path("runs/bench/train.json"), "--out", help="JSON rows."),
     runs_dir: Path | None = typer.Option(None, help="Run directories (default: next to --out)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
@@ -251,7 +254,7 @@ def bench_train_command(
             raise FileNotFoundError(f"--data {data} does not exist")
         base = TrainConfig(
             data=str(data), image_size=image_size, device=device, seed=seed,
-            epochs=epochs or _DEFAULTS.epochs, progress_bar=False,
+            epochs=epochs or _DEFAULTS.epochs, threads=threads, progress_bar=False,
         )  # fmt: skip
         base.validate()
         show: Callable[[dict[str, Any]], None] = lambda row: _console.print(  # noqa: E731
