@@ -110,7 +110,9 @@ def train_command(
         _DEFAULTS.loss,
         help="contrastive, triplet, supcon, pair, classifier or hybrid (contrastive + CE).",
     ),
-    epochs: int = typer.Option(_DEFAULTS.epochs, min=1, help="Maximum epochs (may stop early)."),
+    epochs: int = typer.Option(
+        _DEFAULTS.epochs, min=1, help="Maximum epochs (fewer only with --patience)."
+    ),
     image_size: int = typer.Option(_DEFAULTS.image_size, min=8, help="Resize to SIZE x SIZE."),
     batch_size: int = typer.Option(_DEFAULTS.batch_size, min=2, help="Class-balanced batch size."),
     device: str = typer.Option(
