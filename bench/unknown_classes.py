@@ -148,7 +148,7 @@ def embed_split(checkpoint: Path, data: Path, *, device: str, batch_size: int, l
         log.info("embedding %d %s images", len(samples), split)
         out[split] = embed_samples(
             loaded.encoder, samples, loaded.preprocessing, batch_size=batch_size, device=device
-        )
+        )[:2]
     return out["train"], out["test"]
 
 

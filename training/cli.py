@@ -79,15 +79,23 @@ def _report_tables(report: dict[str, Any], title: str) -> list[Table]:
             _fmt(r["auc_ovr"]),
         )  # fmt: skip
     nw = report.get("n_way") or {}
+    if report.get("source_balanced_accuracy") is not None:
+        summary.caption = (
+            f"mean over sources of the k-NN balanced accuracy: "
+            f"{_fmt(report['source_balanced_accuracy'])}"
+        )
     if nw:
         summary.caption = (
-            f"{nw.get('n')}-way {nw.get('k_shot')}-shot accuracy over {nw.get('episodes')} "
+            (summary.caption + "; " if summary.caption else "")
+            + f"{nw.get('n')}-way {nw.get('k_shot')}-shot accuracy over {nw.get('episodes')} "
             f"episodes: {_fmt(nw.get('accuracy'))}"
         )
     per_class = Table(title="per class (k-NN / mean distance)")
     for col in ("class", "support", "k-NN precision", "k-NN recall", "mean-dist. recall"):
         per_class.add_column(col, justify="right" if col != "class" else "left")
     for name, pc in report["knn"]["per_class"].items():
+        if not pc["support"] and "n_queries" in report:
+            continue  # a per-source table lists the classes that source has
         md = report["mean_distance"]["per_class"][name]
         per_class.add_row(
             name, str(pc["support"]), _fmt(pc["precision"]), _fmt(pc["recall"]), _fmt(md["recall"])
@@ -95,10 +103,20 @@ def _report_tables(report: dict[str, Any], title: str) -> list[Table]:
     return [summary, per_class]
 
 
+_DATA_HELP = (
+    "Image folder, CSV manifest, CoronaHack or COVID-19 collection; repeat for several sources "
+    "(each image keeps its source)."
+)
+
+
+def _check_sources(data: list[Path]) -> None:
+    for src in data:
+        if not src.exists():
+            raise FileNotFoundError(f"--data {src} does not exist")
+
+
 def train_command(
-    data: Path = typer.Option(
-        ..., "--data", help="Image folder, CSV manifest, CoronaHack or COVID-19 collection."
-    ),
+    data: list[Path] = typer.Option(..., "--data", help=_DATA_HELP),
     out: Path = typer.Option(
         ..., "--out", help="Run directory (encoder.pt, metrics.json, config.json, plots)."
     ),
@@ -142,14 +160,13 @@ def train_command(
         from training.train import train
 
         config = TrainConfig(
-            data=str(data), out=str(out), encoder=encoder, loss=loss, epochs=epochs,
+            data=[str(d) for d in data], out=str(out), encoder=encoder, loss=loss, epochs=epochs,
             image_size=image_size, batch_size=batch_size, device=device, seed=seed,
             weights=str(weights) if weights else None, resume=resume, lr=lr,
             patience=patience or None, workers=workers, threads=threads, progress_bar=progress_bar,
         )  # fmt: skip
         config.validate()
-        if not data.exists():
-            raise FileNotFoundError(f"--data {data} does not exist")
+        _check_sources(data)
         if weights is not None and not weights.is_file():
             raise FileNotFoundError(f"--weights {weights} does not exist")
         result = train(config)
@@ -167,7 +184,7 @@ def train_command(
 
 def evaluate_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="encoder.pt written by `cxr train`."),
-    data: Path = typer.Option(..., "--data", help="Data source (as for `cxr train`)."),
+    data: list[Path] = typer.Option(..., "--data", help=_DATA_HELP),
     split: str = typer.Option("test", help="Query split: train, val or test (references: train)."),
     out: Path | None = typer.Option(
         None, "--out", help="Report JSON (default: next to the checkpoint)."
@@ -180,56 +197,37 @@ def evaluate_command(
     batch_size: int = typer.Option(64, min=1, help="Embedding batch size."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:  # fmt: skip
-    """Evaluate a checkpoint: references = train split, queries = --split; table + JSON report."""
+    """Evaluate a checkpoint as a deployment would answer: one index of the train splits of
+    every --data source; queries = --split of each; reports pooled, per source and per class."""
     _setup_logging(verbose)
     with _user_errors():
         from training.checkpoint import load_checkpoint
-        from training.data import load_source, split_samples
-        from training.evaluate import embed_samples, evaluate_embeddings
-        from training.train import resolve_device
+        from training.evaluate import evaluate_checkpoint
 
         if split not in ("train", "val", "test"):
             raise ValueError(f"--split must be train, val or test, got {split!r}")
-        dev = resolve_device(device)
-        loaded = load_checkpoint(checkpoint, map_location=dev)
-        # Same split as training: the fractions and seed recorded in the checkpoint.
-        cfg = loaded.config
-        splits = split_samples(
-            load_source(data),
-            val_fraction=float(cfg.get("val_fraction", _DEFAULTS.val_fraction)),
-            test_fraction=float(cfg.get("test_fraction", _DEFAULTS.test_fraction)),
-            seed=int(cfg.get("seed", _DEFAULTS.seed)),
-        )
-        if not splits[split]:
-            raise ValueError(f"the {split} split of {data} is empty; choose another --split")
-        spec = loaded.preprocessing
-        ref_emb, ref_labels = embed_samples(
-            loaded.encoder, splits["train"], spec, batch_size=batch_size, device=dev
-        )
-        q_emb, q_labels = embed_samples(
-            loaded.encoder, splits[split], spec, batch_size=batch_size, device=dev
-        )
-        classes = sorted(set(loaded.classes) | set(ref_labels) | set(q_labels))
-        report = evaluate_embeddings(
-            ref_emb, ref_labels, q_emb, q_labels, classes=classes, k=k, n_way=n_way,
-            k_shot=k_shot, episodes=episodes, seed=int(cfg.get("seed", 0)),
+        _check_sources(data)
+        loaded = load_checkpoint(checkpoint, map_location="cpu")
+        report = evaluate_checkpoint(
+            loaded, data, split=split, k=k, n_way=n_way, k_shot=k_shot, episodes=episodes,
+            device=device, batch_size=batch_size,
         )  # fmt: skip
-        report = {
-            "checkpoint": str(checkpoint), "data": str(data), "split": split,
-            "encoder": loaded.encoder_name, **report,
-        }  # fmt: skip
+        report = {"checkpoint": str(checkpoint), "encoder": loaded.encoder_name, **report}
         target = out or checkpoint.with_name(f"evaluate_{split}.json")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(report, indent=2))
     for table in _report_tables(
-        report, f"{loaded.encoder_name}: {split} split vs train references"
+        report, f"{loaded.encoder_name}: {split} split vs train references (all sources)"
     ):
         _console.print(table)
+    for name, part in (report.get("per_source") or {}).items():
+        for table in _report_tables(part, f"source {name}: {part['n_queries']} {split} images"):
+            _console.print(table)
     _console.print(f"wrote {target}", highlight=False)
 
 
 def bench_train_command(
-    data: Path = typer.Option(..., "--data", help="Data source with train/val/test splits."),
+    data: list[Path] = typer.Option(..., "--data", help=_DATA_HELP),
     combos: str = typer.Option(
         DEFAULT_COMBOS, help="Comma-separated ENCODER:LOSS[:key=value...] combinations."
     ),
@@ -252,10 +250,9 @@ def bench_train_command(
         from training.bench import parse_combos, run_train_bench
 
         parsed = parse_combos(combos)
-        if not data.exists():
-            raise FileNotFoundError(f"--data {data} does not exist")
+        _check_sources(data)
         base = TrainConfig(
-            data=str(data), image_size=image_size, device=device, seed=seed,
+            data=[str(d) for d in data], image_size=image_size, device=device, seed=seed,
             epochs=epochs or _DEFAULTS.epochs, threads=threads, progress_bar=False,
         )  # fmt: skip
         base.validate()
@@ -267,7 +264,7 @@ def bench_train_command(
         rows = run_train_bench(
             base, parsed, runs_dir=runs_dir or out.with_suffix(""), out=out, on_row=show
         )
-    table = Table(title=f"cxr bench train ({data})")
+    table = Table(title=f"cxr bench train ({', '.join(map(str, data))})")
     for col in ("encoder", "loss", "minutes", "balanced acc.", "COVID-19 recall", "accuracy",
                 "mean-dist. bal. acc.", "img/s"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("encoder", "loss") else "right")

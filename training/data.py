@@ -48,7 +48,10 @@ __all__ = [
     "balanced_sampler",
     "class_counts",
     "class_names",
+    "group_ids",
     "load_source",
+    "load_sources",
+    "source_name",
     "split_samples",
     "summarise",
 ]
@@ -85,12 +88,19 @@ class DataSourceError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image on disk. ``split`` is None until :func:`split_samples` assigns it."""
+    """One labelled image on disk. ``split`` is None until :func:`split_samples` assigns it.
+
+    ``source`` names the data source (hospital, collection) the image came from. It is kept
+    because sources differ in ways a model can latch onto (age, scanner, burned-in text): the
+    sampler balances label x source, splits are made per source, and metrics are reported
+    per source.
+    """
 
     path: Path
     label: str
     split: str | None = None
     patient_id: str | None = None
+    source: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,11 +466,20 @@ def _detect_directory(root: Path) -> tuple[str, Path]:
     )
 
 
-def load_source(src: Path | str) -> list[Sample]:
+def source_name(src: Path | str) -> str:
+    """The default name of a source: its folder's name (a CSV file names its folder)."""
+    path = Path(src).expanduser()
+    if path.suffix.lower() == ".csv":
+        path = path.parent
+    return path.resolve().name or str(path)
+
+
+def load_source(src: Path | str, *, name: str | None = None) -> list[Sample]:
     """Load every labelled image of ``src`` (any of the four accepted sources).
 
     ``src`` may be the folder or the CSV file itself. Files that are listed but missing are
-    dropped with one warning; splits are those the source gives (``None`` otherwise).
+    dropped with one warning; splits are those the source gives (``None`` otherwise). Every
+    sample's ``source`` is ``name`` (default :func:`source_name`).
 
     Raises:
         FileNotFoundError: ``src`` does not exist.
@@ -486,10 +505,36 @@ def load_source(src: Path | str) -> list[Sample]:
         samples = loaders[kind](target)
     if not samples:
         raise DataSourceError(f"{target}: the source holds no usable labelled images")
+    name = name or source_name(path)
+    samples = [dataclasses.replace(s, source=name) for s in samples]
     logger.info(
-        "loaded %d images from %s (%s): %s", len(samples), target, kind, class_counts(samples)
+        "loaded %d images from %s (%s, source %r): %s",
+        len(samples),
+        target,
+        kind,
+        name,
+        class_counts(samples),
     )
     return samples
+
+
+def load_sources(srcs: Sequence[Path | str]) -> list[Sample]:
+    """Load several sources into one list; each sample keeps the name of its source.
+
+    Two sources with the same folder name (``a/data`` and ``b/data``) get distinct names
+    (``data``, ``data-2``), because merging them would hide a site difference from the
+    sampler and the per-source metrics.
+    """
+    if not srcs:
+        raise DataSourceError(f"no data source given\n{ACCEPTED_SOURCES}")
+    out: list[Sample] = []
+    taken: Counter[str] = Counter()
+    for src in srcs:
+        base = source_name(src)
+        taken[base] += 1
+        name = base if taken[base] == 1 else f"{base}-{taken[base]}"
+        out.extend(load_source(src, name=name))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,7 +599,9 @@ def split_samples(
     Splits given by the source are kept: with train and test only, val is carved out of
     train (``val_fraction`` of it), likewise a missing test. Without given splits the samples
     are split stratified by label and grouped by ``patient_id`` when present, so no patient
-    appears in two splits. Deterministic for a given ``seed``.
+    appears in two splits. Each source is split on its own (one source may give splits while
+    another does not), so every source is represented in every split. Deterministic for a
+    given ``seed``.
     """
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
@@ -562,6 +609,18 @@ def split_samples(
     if val_fraction + test_fraction >= 1.0:
         raise ValueError("val_fraction + test_fraction must leave some data for training")
     samples = list(samples)
+    by_source: dict[str | None, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_source[s.source].append(s)
+    if len(by_source) > 1:
+        merged: dict[str, list[Sample]] = {name: [] for name in SPLITS}
+        for name in sorted(by_source, key=str):
+            part = split_samples(
+                by_source[name], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+            )
+            for split in SPLITS:
+                merged[split].extend(part[split])
+        return merged
     given = {s.split for s in samples}
     if given == {None} or not samples:
         out = _grouped_stratified(
@@ -679,6 +738,7 @@ class XrayDataset(Dataset[tuple[torch.Tensor, int]]):
         self.labels: np.ndarray = np.array(
             [self.class_to_index[s.label] for s in self.samples], dtype=np.int64
         )
+        self.groups: np.ndarray = group_ids(self.samples)
 
     def _load(self, path: Path) -> torch.Tensor:
         return preprocess(decode_image(path, max_pixels=self.max_pixels), self.spec)
@@ -723,6 +783,20 @@ class XrayDataset(Dataset[tuple[torch.Tensor, int]]):
         return tensor, int(self.labels[index])
 
 
+def group_ids(samples: Sequence[Sample]) -> np.ndarray:
+    """One integer per sample for its (label, source) pair, numbered in sorted order.
+
+    Passed to :func:`balanced_sampler` instead of class indices, it makes every batch hold
+    the same number of images of each label *from each source*: Normal from a children's
+    hospital and Normal from an adult one come in equal numbers, so "Normal" cannot be learned
+    from one source's look (age, scanner) when another source has it too, and no source
+    dominates a batch. With a single source it is the class index order.
+    """
+    keys = sorted({(s.label, s.source or "") for s in samples})
+    index = {key: i for i, key in enumerate(keys)}
+    return np.array([index[(s.label, s.source or "")] for s in samples], dtype=np.int64)
+
+
 def balanced_sampler(
     labels: Sequence[int] | np.ndarray | torch.Tensor,
     *,
@@ -732,13 +806,15 @@ def balanced_sampler(
 ) -> Any:
     """A ``MPerClassSampler`` whose batches hold ``m_per_class`` images of every class.
 
-    The rare COVID-19 class (about 2% of images) would otherwise be absent from most batches,
-    leaving metric losses without positive pairs for it. ``batch_size`` defaults to
-    ``m_per_class * n_classes`` (every class in each batch); use the sampler's
-    ``.batch_size`` for the DataLoader and do not shuffle there. ``length`` (indices per
-    epoch) defaults to the number of labels, rounded down to whole batches (at least one).
-    Classes with fewer than ``m_per_class`` images are sampled with replacement. The order
-    comes from NumPy's global RNG (``np.random.seed`` makes it reproducible).
+    ``labels`` may be class indices or :func:`group_ids` (label x source groups: then each
+    batch holds ``m_per_class`` images of every group). The rare COVID-19 class (about 2% of
+    images) would otherwise be absent from most batches, leaving metric losses without
+    positive pairs for it. ``batch_size`` defaults to ``m_per_class * n_classes`` (every
+    class in each batch); use the sampler's ``.batch_size`` for the DataLoader and do not
+    shuffle there. ``length`` (indices per epoch) defaults to the number of labels, rounded
+    down to whole batches (at least one). Classes with fewer than ``m_per_class`` images are
+    sampled with replacement. The order comes from NumPy's global RNG (``np.random.seed``
+    makes it reproducible).
     """
     from pytorch_metric_learning.samplers import MPerClassSampler
 

@@ -1,19 +1,20 @@
 """Embedding and evaluation: k-NN, mean-distance and N-way K-shot metrics.
 
-Evaluation mirrors how the service predicts: the *references* (the train split) are enrolled,
-each *query* is classified from its distances to them. Two rules are measured:
+Evaluation *is* how the service predicts: the *references* (the train split) go into the
+service's own :class:`index.ReferenceIndex` and each *query* is answered by its ``search``, so
+the two rules measured are exactly those ``/predict`` serves:
 
-- ``knn``: distance-weighted vote of the ``k`` nearest references (weight ``1/(d + eps)``);
-- ``mean_distance``: the class whose references are nearest on average, where the mean distance
-  is the root of the mean squared Euclidean distance (exact from the class mean, see
-  ``docs/ARCHITECTURE.md``).
+- ``knn``: distance-weighted vote of the ``k`` nearest references (calibrated kernel, see
+  ``index/calibration.py``);
+- ``mean_distance``: the class whose references are nearest on average (root of the mean
+  squared Euclidean distance, exact from the class sums).
 
 and ``n_way``: few-shot episodes as in the source work (one query, ``N`` candidate classes with
 ``K`` support images each, pick the class of the most similar support, the mean embedding for
 ``K > 1``).
 
-Distances are computed here with numpy (``d = sqrt(max(0, 2 - 2 a.b))`` for unit vectors) so
-training never depends on ``index/``. Metric functions are pure functions of arrays.
+``training/`` may import ``index/`` (never the reverse); metric functions are pure functions of
+arrays.
 """
 
 from __future__ import annotations
@@ -37,11 +38,10 @@ __all__ = [
     "embed_images",
     "embed_samples",
     "embed_tensors",
+    "evaluate_checkpoint",
     "evaluate_embeddings",
-    "knn_predict",
-    "mean_distance_predict",
+    "index_predictions",
     "n_way_accuracy",
-    "pairwise_distances",
 ]
 
 
@@ -111,16 +111,18 @@ def embed_samples(
     *,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
-) -> tuple[np.ndarray, list[str]]:
-    """Decode, preprocess and embed ``Sample``s; returns ``(embeddings, labels)``.
+) -> tuple[np.ndarray, list[str], list[Any]]:
+    """Decode, preprocess and embed ``Sample``s; returns ``(embeddings, labels, kept)``.
 
-    Unreadable images are skipped (named in one warning) rather than aborting an evaluation.
-    Images are decoded chunk by chunk so memory stays bounded on large sources.
+    Unreadable images are skipped (named in one warning) rather than aborting an evaluation;
+    ``kept`` are the samples that were embedded, row for row. Images are decoded chunk by
+    chunk so memory stays bounded on large sources.
     """
     from training.imaging import decode_image
 
     embeddings: list[np.ndarray] = []
     labels: list[str] = []
+    kept: list[Any] = []
     skipped: list[str] = []
     chunk = max(batch_size, 256)
     for start in range(0, len(samples), chunk):
@@ -132,85 +134,59 @@ def embed_samples(
                 skipped.append(f"{Path(sample.path).name} ({exc.__class__.__name__})")
                 continue
             labels.append(sample.label)
+            kept.append(sample)
         if tensors:
             embeddings.append(embed_tensors(encoder, tensors, batch_size=batch_size, device=device))
     if skipped:
         log.warning("skipped %d unreadable images: %s", len(skipped), ", ".join(skipped[:10]))
     if not embeddings:
         dim = int(getattr(encoder, "embedding_dim", 0))
-        return np.zeros((0, dim), dtype=np.float32), labels
-    return np.concatenate(embeddings), labels
+        return np.zeros((0, dim), dtype=np.float32), labels, kept
+    return np.concatenate(embeddings), labels, kept
 
 
 # --------------------------------------------------------------------------------------------
-# Distances and decision rules (pure numpy)
+# Decision rules: the service's own index decides
 
 
-def pairwise_distances(queries: np.ndarray, refs: np.ndarray) -> np.ndarray:
-    """Euclidean distances ``(nq, nr)`` between rows, exact for any vectors (not only unit)."""
-    q = np.asarray(queries, dtype=np.float64)
-    r = np.asarray(refs, dtype=np.float64)
-    sq = (q * q).sum(1)[:, None] - 2.0 * q @ r.T + (r * r).sum(1)[None, :]
-    return np.sqrt(np.maximum(sq, 0.0))
-
-
-def knn_predict(
+def index_predictions(
     ref_emb: np.ndarray,
-    ref_idx: np.ndarray,
+    ref_labels: Sequence[str],
     query_emb: np.ndarray,
     *,
-    num_classes: int,
+    classes: Sequence[str],
     k: int = 5,
-    eps: float = 1e-6,
+    method: str = "knn",
+    index: Any | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Distance-weighted k-NN: ``(predicted class index (nq,), vote fractions (nq, C))``.
+    """Predicted class indices ``(nq,)`` and class probabilities ``(nq, C)`` of ``method``.
 
-    Each of the ``k`` nearest references votes ``1 / (d + eps)`` for its class; ties go to the
-    class with the smaller index. The vote fractions are the class scores used for the AUC
-    (they are what the service reports as k-NN confidence).
+    Decided by :class:`index.ReferenceIndex`, the object ``/predict`` searches, so every
+    figure that evaluation, the benchmarks and the retrain's promotion report is the rule the
+    service answers with (calibrated kernel vote for ``knn``, least mean distance for
+    ``mean_distance``). Pass an already built ``index`` to search it instead of building one.
     """
+    from index.reference_index import ReferenceIndex
+
+    col = {name: i for i, name in enumerate(classes)}
     nq = len(query_emb)
-    scores = np.zeros((nq, num_classes), dtype=np.float64)
-    if nq == 0 or len(ref_emb) == 0:
-        return np.zeros(nq, dtype=np.int64), scores
-    d = pairwise_distances(query_emb, ref_emb)
-    k = min(k, d.shape[1])
-    nearest = np.argpartition(d, k - 1, axis=1)[:, :k]
-    near_d = np.take_along_axis(d, nearest, axis=1)
-    weights = 1.0 / (near_d + eps)
-    np.add.at(scores, (np.repeat(np.arange(nq), k), ref_idx[nearest].ravel()), weights.ravel())
-    scores /= scores.sum(1, keepdims=True)
-    return scores.argmax(1), scores
-
-
-def class_mean_distances(
-    ref_emb: np.ndarray, ref_idx: np.ndarray, query_emb: np.ndarray, *, num_classes: int
-) -> np.ndarray:
-    """``(nq, C)`` root-mean-squared distance of each query to each class's references.
-
-    ``mean_r |q - r|^2 = |q|^2 - 2 q.mean_r + mean_r |r|^2`` — exact, one dot product per
-    class. Classes without references get ``inf``.
-    """
-    q = np.asarray(query_emb, dtype=np.float64)
-    r = np.asarray(ref_emb, dtype=np.float64)
-    out = np.full((len(q), num_classes), np.inf)
-    q_sq = (q * q).sum(1)
-    for c in range(num_classes):
-        members = r[ref_idx == c]
-        if len(members) == 0:
-            continue
-        mean = members.mean(0)
-        mean_sq = (members * members).sum(1).mean()
-        out[:, c] = np.sqrt(np.maximum(q_sq - 2.0 * q @ mean + mean_sq, 0.0))
-    return out
-
-
-def mean_distance_predict(
-    ref_emb: np.ndarray, ref_idx: np.ndarray, query_emb: np.ndarray, *, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Class of least mean distance: ``(predicted index, scores = -mean distance)``."""
-    dist = class_mean_distances(ref_emb, ref_idx, query_emb, num_classes=num_classes)
-    return dist.argmin(1) if len(dist) else np.zeros(0, dtype=np.int64), -dist
+    probs = np.zeros((nq, len(classes)), dtype=np.float64)
+    if nq == 0:
+        return np.zeros(0, dtype=np.int64), probs
+    if index is None:
+        index = ReferenceIndex.build(
+            np.asarray(ref_emb, dtype=np.float32),
+            [f"r{i}" for i in range(len(ref_labels))],
+            list(ref_labels),
+            k=k,
+            device="cpu",
+        )
+    results = index.search(np.asarray(query_emb, dtype=np.float32), k=k, method=method)
+    pred = np.array([col[r.label] for r in results], dtype=np.int64)
+    for i, r in enumerate(results):
+        for name, p in r.probabilities.items():
+            probs[i, col[name]] = p
+    return pred, probs
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,6 +305,7 @@ def evaluate_embeddings(
     k_shot: int = 1,
     episodes: int = 1000,
     seed: int = 0,
+    query_sources: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
     """The evaluate JSON of the product contract.
 
@@ -336,27 +313,44 @@ def evaluate_embeddings(
     ``mean_distance`` has ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``per_class``,
     ``confusion_matrix`` and ``auc_ovr``. ``classes`` fixes the label order (default: sorted
     labels of references and queries); ``n_way`` defaults to the number of classes.
+
+    With ``query_sources`` (one source name per query) the report adds ``per_source``: the
+    same ``knn`` / ``mean_distance`` reports over each source's queries alone, all answered by
+    the one index of every reference (as a deployment would), and ``source_balanced_accuracy``,
+    the mean over sources of their k-NN balanced accuracy. Pooled figures alone would let a
+    large source hide a failing one.
     """
     if classes is None:
         classes = sorted(set(ref_labels) | set(query_labels))
     classes = list(classes)
-    index = {name: i for i, name in enumerate(classes)}
-    unknown = sorted((set(ref_labels) | set(query_labels)) - set(index))
+    col = {name: i for i, name in enumerate(classes)}
+    unknown = sorted((set(ref_labels) | set(query_labels)) - set(col))
     if unknown:
         raise ValueError(f"labels {unknown} are not among the classes {classes}")
     ref_emb = np.asarray(ref_emb, dtype=np.float32)
     query_emb = np.asarray(query_emb, dtype=np.float32)
     if len(ref_emb) != len(ref_labels) or len(query_emb) != len(query_labels):
         raise ValueError("each embedding needs exactly one label")
+    if query_sources is not None and len(query_sources) != len(query_labels):
+        raise ValueError("query_sources needs one source per query")
     if len(ref_emb) == 0:
         raise ValueError("no reference embeddings to evaluate against")
-    ref_idx = np.array([index[x] for x in ref_labels], dtype=np.int64)
-    query_idx = np.array([index[x] for x in query_labels], dtype=np.int64)
+    ref_idx = np.array([col[x] for x in ref_labels], dtype=np.int64)
+    query_idx = np.array([col[x] for x in query_labels], dtype=np.int64)
     c = len(classes)
 
-    knn_pred, knn_scores = knn_predict(ref_emb, ref_idx, query_emb, num_classes=c, k=k)
-    md_pred, md_scores = mean_distance_predict(ref_emb, ref_idx, query_emb, num_classes=c)
-    return {
+    from index.reference_index import ReferenceIndex
+
+    index = ReferenceIndex.build(
+        ref_emb, [f"r{i}" for i in range(len(ref_emb))], list(ref_labels), k=k, device="cpu"
+    )
+    knn_pred, knn_scores = index_predictions(
+        ref_emb, ref_labels, query_emb, classes=classes, k=k, method="knn", index=index
+    )
+    md_pred, md_scores = index_predictions(
+        ref_emb, ref_labels, query_emb, classes=classes, k=k, method="mean_distance", index=index
+    )
+    report: dict[str, Any] = {
         "knn": {"k": k, **classification_report(query_idx, knn_pred, knn_scores, classes)},
         "mean_distance": classification_report(query_idx, md_pred, md_scores, classes),
         "n_way": n_way_accuracy(
@@ -373,3 +367,72 @@ def evaluate_embeddings(
         "n_references": len(ref_emb),
         "n_queries": len(query_emb),
     }
+    if query_sources is not None:
+        sources = np.array([s or "" for s in query_sources])
+        per_source: dict[str, Any] = {}
+        for name in sorted(set(sources.tolist())):
+            rows = sources == name
+            per_source[name] = {
+                "n_queries": int(rows.sum()),
+                "knn": classification_report(
+                    query_idx[rows], knn_pred[rows], knn_scores[rows], classes
+                ),
+                "mean_distance": classification_report(
+                    query_idx[rows], md_pred[rows], md_scores[rows], classes
+                ),
+            }
+        report["per_source"] = per_source
+        report["source_balanced_accuracy"] = float(
+            np.mean([r["knn"]["balanced_accuracy"] for r in per_source.values()])
+        )
+    return report
+
+
+def evaluate_checkpoint(
+    loaded: Any,
+    sources: Sequence[str | Path],
+    *,
+    split: str = "test",
+    k: int = 5,
+    n_way: int | None = None,
+    k_shot: int = 1,
+    episodes: int = 1000,
+    device: str = "auto",
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Evaluate a loaded checkpoint the way a deployment would answer.
+
+    References: the train splits of every source, in one index (as ``cxr references import``
+    of each would enroll them); queries: ``split`` of every source, reported pooled and per
+    source. Splits are recomputed with the fractions and seed recorded in the checkpoint, so
+    a source without given splits is split exactly as in training.
+    """
+    from training.data import load_sources, split_samples
+    from training.train import TrainConfig, resolve_device
+
+    defaults = TrainConfig()
+    cfg = loaded.config
+    splits = split_samples(
+        load_sources(list(sources)),
+        val_fraction=float(cfg.get("val_fraction", defaults.val_fraction)),
+        test_fraction=float(cfg.get("test_fraction", defaults.test_fraction)),
+        seed=int(cfg.get("seed", defaults.seed)),
+    )
+    if not splits[split]:
+        raise ValueError(f"the {split} split of the given sources is empty; choose another --split")
+    dev = resolve_device(device)
+    encoder = loaded.encoder.to(dev)
+    spec = loaded.preprocessing
+    ref_emb, ref_labels, _ = embed_samples(
+        encoder, splits["train"], spec, batch_size=batch_size, device=dev
+    )
+    q_emb, q_labels, q_kept = embed_samples(
+        encoder, splits[split], spec, batch_size=batch_size, device=dev
+    )
+    classes = sorted(set(loaded.classes) | set(ref_labels) | set(q_labels))
+    report = evaluate_embeddings(
+        ref_emb, ref_labels, q_emb, q_labels, classes=classes, k=k, n_way=n_way,
+        k_shot=k_shot, episodes=episodes, seed=int(cfg.get("seed", 0)),
+        query_sources=[s.source for s in q_kept],
+    )  # fmt: skip
+    return {"data": [str(s) for s in sources], "split": split, **report}

@@ -47,7 +47,7 @@ from training.data import (
     XrayDataset,
     balanced_sampler,
     class_names,
-    load_source,
+    load_sources,
     split_samples,
     summarise,
 )
@@ -66,7 +66,9 @@ class TrainConfig:
     """Every hyper-parameter of a run; the defaults are the best measured on cxr4 (see
     docs/BENCHMARKS.md, "Training")."""
 
-    data: str | None = None
+    # Data sources (repeatable --data); each sample keeps its source. A single string is
+    # accepted for configs written before multi-source training.
+    data: list[str] | str | None = None
     out: str = "runs/train"
     encoder: str = "covidnet"
     loss: str = "hybrid"
@@ -101,8 +103,29 @@ class TrainConfig:
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
     mean: float = 0.5
     std: float = 0.25
+    # Against shortcuts (see training/preprocess.py): cut 8 % of each border (markers, text),
+    # equalise the histogram (exposure differs between hospitals), erase random patches.
+    crop: float = 0.08
+    equalize: bool = True
+    erase_p: float = 0.25
     resume: bool = False
     progress_bar: bool | None = None  # None: only when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str | Path):
+            self.data = [str(self.data)]
+        elif self.data is not None:
+            self.data = [str(d) for d in self.data]
+
+    def preprocessing(self) -> Preprocessing:
+        """The input pipeline this configuration trains (and the service will serve) with."""
+        return Preprocessing(
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+            crop=self.crop,
+            equalize=self.equalize,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable) of every field."""
@@ -135,6 +158,7 @@ class TrainConfig:
             raise ValueError("batch_size must be at least 2 (metric losses need pairs)")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        self.preprocessing()  # crop / equalize / size checked where they are defined
 
 
 @dataclass
@@ -266,7 +290,7 @@ def _load_splits(
     if not config.data:
         raise ValueError("no training data: pass --data SRC (an image folder or a CSV manifest)")
     return split_samples(
-        load_source(Path(config.data)),
+        load_sources(list(config.data)),
         val_fraction=config.val_fraction,
         test_fraction=config.test_fraction,
         seed=config.seed,
@@ -309,6 +333,18 @@ def _summary(report: Mapping[str, Any]) -> dict[str, Any]:
         "macro_f1": knn["macro_f1"],
         "mean_distance_balanced_accuracy": report["mean_distance"]["balanced_accuracy"],
         "recall": {name: pc["recall"] for name, pc in knn["per_class"].items()},
+        "source_balanced_accuracy": report.get(
+            "source_balanced_accuracy", knn["balanced_accuracy"]
+        ),
+        "per_source": {
+            name: {
+                "balanced_accuracy": r["knn"]["balanced_accuracy"],
+                "recall": {
+                    c: pc["recall"] for c, pc in r["knn"]["per_class"].items() if pc["support"]
+                },
+            }
+            for name, r in (report.get("per_source") or {}).items()
+        },
     }
     if report.get("n_way", {}).get("accuracy") is not None:
         out["n_way_accuracy"] = report["n_way"]["accuracy"]
@@ -357,7 +393,7 @@ def train(
     # ---- data ---------------------------------------------------------------------------
     splits = _load_splits(config, samples)
     classes = class_names([s for split in splits.values() for s in split])
-    spec = Preprocessing(image_size=config.image_size, mean=config.mean, std=config.std)
+    spec = config.preprocessing()
     log.info("decoding and caching %s", summarise(splits))
     datasets = {
         name: XrayDataset(items, classes, spec, augment=False)
@@ -365,14 +401,15 @@ def train(
         if items
     }
     train_set = datasets["train"]
-    n_train_classes = len(np.unique(train_set.labels))
-    m_per_class = config.m_per_class or max(2, config.batch_size // n_train_classes)
-    batch_size = min(config.batch_size, m_per_class * n_train_classes)
+    # Balance label x source: with one source these are the classes.
+    n_groups = len(np.unique(train_set.groups))
+    m_per_class = config.m_per_class or max(2, config.batch_size // n_groups)
+    batch_size = min(config.batch_size, m_per_class * n_groups)
     batch_size -= batch_size % m_per_class
     sampler = balanced_sampler(
-        train_set.labels, m_per_class=m_per_class, length=len(train_set), batch_size=batch_size
+        train_set.groups, m_per_class=m_per_class, length=len(train_set), batch_size=batch_size
     )
-    augment = train_augmentation(spec) if config.augment else None
+    augment = train_augmentation(spec, erase_p=config.erase_p) if config.augment else None
     loader = DataLoader(
         _Augmented(train_set, augment),
         batch_size=batch_size,
@@ -471,6 +508,7 @@ def train(
             k=config.knn_k,
             episodes=config.n_way_episodes if split == "test" else 200,
             seed=config.seed,
+            query_sources=[s.source for s in queries_set.samples],
         )
 
     # ---- epochs -------------------------------------------------------------------------
@@ -532,14 +570,16 @@ def train(
             if report is not None:
                 s = _summary(report)
                 row.update(
+                    val_source_balanced_accuracy=s["source_balanced_accuracy"],
                     val_balanced_accuracy=s["balanced_accuracy"],
                     val_accuracy=s["accuracy"],
                     val_mean_distance_balanced_accuracy=s["mean_distance_balanced_accuracy"],
                     val_recall=s["recall"],
                 )
             history.append(row)
-            # No validation split: the last epoch is the best one.
-            score = row.get("val_balanced_accuracy", float(epoch))
+            # The mean over sources of their balanced accuracy: a small source (a second
+            # hospital) counts as much as a large one. No validation split: the last epoch.
+            score = row.get("val_source_balanced_accuracy", float(epoch))
             improved = score > best_score
             if improved:
                 best_score, best_epoch, stale = score, epoch + 1, 0
@@ -549,7 +589,7 @@ def train(
             else:
                 stale += 1
             log.info(
-                "epoch %d/%d: loss %.4f, %.1f img/s, val k-NN balanced acc %s%s",
+                "epoch %d/%d: loss %.4f, %.1f img/s, val source-balanced k-NN acc %s%s",
                 epoch + 1, config.epochs, row["train_loss"], row["images_per_second"],
                 f"{score:.4f}" if report is not None else "n/a", " (best)" if improved else "",
             )  # fmt: skip

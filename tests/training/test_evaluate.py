@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from index.reference_index import ReferenceIndex
 from training.evaluate import (
-    class_mean_distances,
     classification_report,
     evaluate_embeddings,
-    knn_predict,
+    index_predictions,
     n_way_accuracy,
-    pairwise_distances,
 )
 
 CLASSES = ["a", "b", "c"]
@@ -85,30 +84,36 @@ def test_classes_missing_from_queries_are_left_out_of_averages() -> None:
     assert r["auc_ovr"] is not None  # computed over a and b only
 
 
-def test_distance_weighted_knn_vote() -> None:
-    # Query at 0 deg; one 'a' reference very close, two 'b' references farther.
-    ref = _unit([[1, 0.01], [1, 0.9], [1, -0.9]])
-    ref_idx = np.array([0, 1, 1])
-    q = _unit([[1, 0]])
-    pred, scores = knn_predict(ref, ref_idx, q, num_classes=2, k=3)
-    d = pairwise_distances(q, ref)[0]
-    w = 1 / (d + 1e-6)
-    assert pred[0] == 0  # one near vote outweighs two far ones
-    assert scores[0, 0] == pytest.approx(w[0] / w.sum())
-    # Plain majority with k=3 would have said b; with k=1 it is a.
-    assert knn_predict(ref, ref_idx, q, num_classes=2, k=1)[0][0] == 0
+@pytest.mark.parametrize("method", ["knn", "mean_distance"])
+def test_evaluation_decides_exactly_like_the_service_index(method: str) -> None:
+    # Overlapping clusters, so the rule matters: a 1/(d+eps) vote and the index's calibrated
+    # kernel disagree on some of these queries.
+    ref, ref_y = _clusters(12, 0.6, seed=4)
+    q, _ = _clusters(10, 0.6, seed=5)
+    pred, probs = index_predictions(ref, ref_y, q, classes=CLASSES, k=5, method=method)
+    served = ReferenceIndex.build(ref, [f"id{i}" for i in range(len(ref))], ref_y, k=5).search(
+        q, k=5, method=method
+    )
+    assert [CLASSES[i] for i in pred] == [r.label for r in served]
+    for row, r in zip(probs, served, strict=True):
+        np.testing.assert_allclose(row, [r.probabilities[c] for c in CLASSES], rtol=1e-6)
 
 
-def test_mean_distance_is_root_mean_square() -> None:
-    rng = np.random.default_rng(3)
-    ref = rng.normal(size=(9, 5)).astype(np.float32)
-    ref_idx = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2])
-    q = rng.normal(size=(4, 5)).astype(np.float32)
-    got = class_mean_distances(ref, ref_idx, q, num_classes=4)
-    for c in range(3):
-        brute = np.sqrt((((q[:, None, :] - ref[ref_idx == c][None]) ** 2).sum(-1)).mean(1))
-        np.testing.assert_allclose(got[:, c], brute, rtol=1e-5)
-    assert np.isinf(got[:, 3]).all()  # class without references
+def test_per_source_report_separates_a_failing_source() -> None:
+    ref, ref_y = _clusters(8, 0.05)
+    q, q_y = _clusters(4, 0.05, seed=7)
+    # Source "far": its queries carry the wrong labels, so only it scores badly.
+    q_y_far = [CLASSES[(CLASSES.index(y) + 1) % 3] for y in q_y]
+    report = evaluate_embeddings(
+        ref, ref_y, np.concatenate([q, q]), q_y + q_y_far, classes=CLASSES, episodes=10,
+        query_sources=["near"] * len(q) + ["far"] * len(q),
+    )  # fmt: skip
+    per = report["per_source"]
+    assert per["near"]["knn"]["balanced_accuracy"] == 1.0
+    assert per["far"]["knn"]["balanced_accuracy"] == 0.0
+    assert per["near"]["n_queries"] == per["far"]["n_queries"] == len(q)
+    assert report["source_balanced_accuracy"] == pytest.approx(0.5)
+    assert report["knn"]["balanced_accuracy"] == pytest.approx(0.5)
 
 
 def test_n_way_accuracy_is_seeded_and_chance_on_noise() -> None:

@@ -64,9 +64,16 @@ def test_batch_helper() -> None:
 def test_spec_round_trip_and_validation() -> None:
     spec = Preprocessing(image_size=64, mean=0.4, std=0.3)
     assert Preprocessing.from_dict(spec.to_dict()) == spec
-    assert Preprocessing().to_dict() == {"image_size": 128, "mean": 0.5, "std": 0.25}
+    assert Preprocessing().to_dict() == {
+        "image_size": 128, "mean": 0.5, "std": 0.25, "crop": 0.0, "equalize": False,
+    }  # fmt: skip
+    # A checkpoint written before crop/equalize existed reads as "no crop, no equalisation".
+    legacy = Preprocessing.from_dict({"image_size": 64, "mean": 0.4, "std": 0.3})
+    assert (legacy.crop, legacy.equalize) == (0.0, False)
     with pytest.raises(ValueError, match="unknown keys"):
-        Preprocessing.from_dict({**spec.to_dict(), "crop": 1})
+        Preprocessing.from_dict({**spec.to_dict(), "zoom": 1})
+    with pytest.raises(ValueError, match="crop"):
+        Preprocessing(crop=0.5)
     with pytest.raises(ValueError, match="missing keys"):
         Preprocessing.from_dict({"image_size": 64})
     with pytest.raises(ValueError):
