@@ -46,6 +46,8 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from torch import nn
 
+from training.preprocess import crop_box
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -179,12 +181,20 @@ def _jet_palette() -> tuple[int, ...]:
     return tuple(int(v) for v in lut.reshape(-1))
 
 
-def overlay_png(image: np.ndarray, heat: np.ndarray, *, max_side: int = DEFAULT_MAX_SIDE) -> bytes:
+def overlay_png(
+    image: np.ndarray,
+    heat: np.ndarray,
+    *,
+    max_side: int = DEFAULT_MAX_SIDE,
+    crop: float = 0.0,
+) -> bytes:
     """Blend ``heat`` (any size, ``[0, 1]``) on the grayscale ``image`` ``(H, W)`` as a PNG.
 
     The output has the upload's aspect ratio (not the model's square input), so the heat map
-    lies on the anatomy the clinician sees. Resizing, colouring and blending are PIL operations
-    (C loops), so the PNG encoding is the only noticeable cost.
+    lies on the anatomy the clinician sees. ``crop`` is the preprocessing's border crop: the
+    model saw only the central part, so the map is placed on that part and the cut borders
+    stay cold. Resizing, colouring and blending are PIL operations (C loops), so the PNG
+    encoding is the only noticeable cost.
     """
     h, w = image.shape[:2]
     out_w, out_h = overlay_size(w, h, max_side)
@@ -193,7 +203,12 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, *, max_side: int = DEFAULT_
     heat_idx = (np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(
         np.uint8
     )
-    colour = Image.fromarray(heat_idx, mode="L").resize((out_w, out_h), Image.Resampling.BILINEAR)
+    top, bottom, left, right = crop_box(out_h, out_w, crop)
+    inner = Image.fromarray(heat_idx, mode="L").resize(
+        (right - left, bottom - top), Image.Resampling.BILINEAR
+    )
+    colour = Image.new("L", (out_w, out_h), 0)
+    colour.paste(inner, (left, top))
     colour = colour.convert("P")
     colour.putpalette(_jet_palette())
     blended = Image.blend(gray, colour.convert("RGB"), HEAT_ALPHA)
@@ -280,7 +295,9 @@ class Explainer:
         image: np.ndarray,
         *,
         max_side: int = DEFAULT_MAX_SIDE,
+        crop: float = 0.0,
     ) -> str:
         """Base64 PNG overlay of the Grad-CAM map on the original upload ``image``."""
         heat = self.heatmap(input_tensor, class_mean)
-        return base64.b64encode(overlay_png(image, heat, max_side=max_side)).decode("ascii")
+        png = overlay_png(image, heat, max_side=max_side, crop=crop)
+        return base64.b64encode(png).decode("ascii")

@@ -16,7 +16,9 @@ replicated into three channels.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Encoder",
     "EncoderWeightsError",
+    "WeightsReport",
     "create_encoder",
     "list_encoders",
     "load_weights",
@@ -337,73 +340,171 @@ def create_encoder(
     return encoder
 
 
+# Old torchvision DenseNet checkpoints (and CheXNet copies of them) name layers ``norm.1``,
+# ``conv.2``; current torchvision says ``norm1``, ``conv2``. The same pattern torchvision's own
+# loader uses to rename them.
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+# torchxrayvision DenseNets were trained on images scaled to [-1024, 1024]: as a Preprocessing
+# (x - mean) / std over [0, 1] pixels that is mean 0.5, std 1/2048.
+XRV_INPUT_SCALE = (0.5, 1.0 / 2048.0)
+
+
+@dataclass(frozen=True)
+class WeightsReport:
+    """What :func:`load_weights` did: where the tensors went and what the file implies.
+
+    ``input_scale`` is the ``(mean, std)`` the weights were trained with when the file's layout
+    says so (torchxrayvision), else None: training must then feed inputs on that scale or the
+    pretrained features are meaningless.
+    """
+
+    target: str  # "encoder" or "backbone"
+    loaded: int
+    missing: list[str]
+    unexpected: list[str]
+    skipped: list[str]
+    layout: str
+    input_scale: tuple[float, float] | None = None
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` safely first; fall back to full unpickling only for layouts that need it.
+
+    ``weights_only=True`` cannot read torchvision's old tar-format files or a whole pickled
+    ``nn.Module``. The user named this file explicitly, so those are read with full unpickling,
+    with a warning: unpickling runs code from the file, so only load files you trust.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as safe_exc:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:
+            raise EncoderWeightsError(
+                f"cannot read weights file {str(path)!r} ({safe_exc.__class__.__name__}: "
+                f"{str(safe_exc)[:300]}); it must be a torch.save()d state dict or model"
+            ) from None
+        log.warning(
+            "weights file %s is not a plain tensor file (legacy tar format or a pickled "
+            "model); it was read with full unpickling, which runs code from the file: load only "
+            "files you trust",
+            path,
+        )
+        return obj
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise EncoderWeightsError(
             f"weights file {str(path)!r} does not exist; pass the path of a saved state dict "
             "(e.g. torchvision's resnet18-*.pth downloaded beforehand)"
         )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise EncoderWeightsError(
-            f"cannot read weights file {str(path)!r} ({exc.__class__.__name__}: {exc}); "
-            "it must be a torch.save()d state dict"
-        ) from None
+    obj = _torch_load(path)
+    if isinstance(obj, nn.Module):  # a whole pickled model
+        obj = obj.state_dict()
     # Accept the usual wrappers: {"state_dict": ...}, {"model": ...}, our own checkpoints.
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
+        for key in ("state_dict", "model", "model_state_dict", "encoder"):
+            if key in obj and isinstance(obj[key], Mapping | nn.Module):
+                inner = obj[key]
+                obj = inner.state_dict() if isinstance(inner, nn.Module) else inner
                 break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, Mapping):
         raise EncoderWeightsError(f"weights file {str(path)!r} does not hold a state dict")
-    # DataParallel / DDP prefixes.
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise EncoderWeightsError(f"weights file {str(path)!r} does not hold a state dict")
+    return {_OLD_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
 
 
-def load_weights(encoder: Encoder, weights: Path | str) -> tuple[list[str], list[str]]:
-    """Load a state dict into ``encoder`` (or into its backbone); returns (missing, unexpected).
+def _strip_prefix(state: Mapping[str, torch.Tensor], own: Mapping[str, Any]) -> tuple[dict, str]:
+    """Drop the key prefix (``module.``, ``densenet121.``, ``model.``...) that best matches.
+
+    Wrappers (DataParallel/DDP, CheXNet's ``densenet121.``, Lightning's ``model.``) prepend
+    names; the prefix kept is the one under which most keys exist in ``own``.
+    """
+    candidates = {""}
+    for key in state:
+        parts = key.split(".")
+        for depth in range(1, min(4, len(parts))):
+            candidates.add(".".join(parts[:depth]) + ".")
+    best, best_hits = "", -1
+    for prefix in sorted(candidates, key=len):
+        hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix) :] in own)
+        if hits > best_hits:
+            best, best_hits = prefix, hits
+    stripped = {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}
+    return stripped, best
+
+
+def load_weights(encoder: Encoder, weights: Path | str) -> WeightsReport:
+    """Load a state dict into ``encoder`` (or into its backbone) and say what happened.
 
     A file of the whole encoder (keys ``backbone.*``, ``head.*``) is loaded as is; any other
-    file is taken as backbone weights (e.g. a torchvision ImageNet state dict). First-conv
-    weights with 3 input channels are summed to one; tensors of other mismatched shapes (such as
-    a 1000-class ``fc``) are skipped and reported with the missing and unexpected keys.
+    file is taken as backbone weights (e.g. a torchvision or torchxrayvision state dict, a
+    CheXNet checkpoint), after removing wrapper prefixes and renaming old DenseNet keys.
+    First-conv weights with 3 input channels are summed to one; tensors of other mismatched
+    shapes (such as a 1000-class ``fc``) are skipped. A file that leaves any backbone weight
+    unset is refused: training would otherwise start from a silently half-random network.
     """
     path = Path(weights).expanduser()
     state = _read_state_dict(path)
     whole = any(k.startswith(("backbone.", "head.")) for k in state)
     target: nn.Module = encoder if whole else encoder.backbone
     own = target.state_dict()
+    state, prefix = _strip_prefix(state, own)
     fitted: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
+    unexpected: list[str] = []
+    single_channel_stem = False
     for key, value in state.items():
         if key not in own:
-            fitted[key] = value  # reported as unexpected by load_state_dict
+            unexpected.append(key)
             continue
         want = own[key].shape
+        if value.ndim == 4 and len(want) == 4 and want[1] == 1 and value.shape == want:
+            single_channel_stem = single_channel_stem or key.endswith("conv0.weight")
         if value.shape != want and value.ndim == 4 and value.shape[1] == 3 and want[1] == 1:
             value = value.sum(dim=1, keepdim=True)
         if value.shape != want:
             skipped.append(f"{key} {tuple(value.shape)}->{tuple(want)}")
             continue
         fitted[key] = value
-    result = target.load_state_dict(fitted, strict=False)
-    missing = list(result.missing_keys)
-    unexpected = list(result.unexpected_keys)
-    if not any(key in own for key in fitted):
+    if not fitted:
         raise EncoderWeightsError(
             f"weights file {str(path)!r} matches none of the encoder's parameters; "
             "is it for a different architecture?"
         )
-    log.info(
-        "loaded weights from %s into %s: %d tensors, missing keys %s, unexpected keys %s, "
-        "skipped (shape) %s",
-        path,
-        "encoder" if whole else "backbone",
-        len(fitted) - len(unexpected),
-        missing or "none",
-        unexpected or "none",
-        skipped or "none",
+    target.load_state_dict(fitted, strict=False)
+    # BatchNorm's step counter is absent from older files and not a weight.
+    missing = [k for k in own if k not in fitted and not k.endswith("num_batches_tracked")]
+    backbone_missing = [k for k in missing if not k.startswith("head.")]
+    if backbone_missing:
+        shown = ", ".join(backbone_missing[:8])
+        more = f" and {len(backbone_missing) - 8} more" if len(backbone_missing) > 8 else ""
+        raise EncoderWeightsError(
+            f"weights file {str(path)!r} leaves {len(backbone_missing)} of the encoder's "
+            f"{len(own)} {'weights' if whole else 'backbone weights'} unset ({shown}{more}); "
+            "it is for another architecture or a different variant. Choose the matching "
+            "--encoder, or train without --weights"
+        )
+    xrv = not whole and ("op_threshs" in state or single_channel_stem)
+    layout = "encoder" if whole else ("torchxrayvision" if xrv else "backbone")
+    report = WeightsReport(
+        target="encoder" if whole else "backbone",
+        loaded=len(fitted),
+        missing=missing,
+        unexpected=unexpected,
+        skipped=skipped,
+        layout=layout + (f" (prefix {prefix!r} removed)" if prefix else ""),
+        input_scale=XRV_INPUT_SCALE if xrv else None,
     )
-    return missing, unexpected
+    log.info(
+        "loaded weights from %s into the %s (%s): %d tensors; unexpected keys %s; skipped "
+        "(shape) %s",
+        path, report.target, report.layout, report.loaded, unexpected or "none",
+        skipped or "none",
+    )  # fmt: skip
+    return report

@@ -51,7 +51,7 @@ from training.data import (
     split_samples,
     summarise,
 )
-from training.encoders import create_encoder, list_encoders
+from training.encoders import create_encoder, list_encoders, load_weights
 from training.evaluate import embed_tensors, evaluate_embeddings
 from training.losses import create_loss, list_losses
 from training.preprocess import Preprocessing, train_augmentation
@@ -390,6 +390,22 @@ def train(
     channels_last = config.channels_last or on_cuda
     amp_dtype = torch.bfloat16 if on_cuda else None
 
+    # ---- encoder (first: pretrained weights may fix the input scale) --------------------
+    encoder = create_encoder(
+        config.encoder, embedding_dim=config.embedding_dim, **config.encoder_kwargs
+    )
+    if config.weights:
+        report = load_weights(encoder, config.weights)
+        if report.input_scale is not None and report.input_scale != (config.mean, config.std):
+            log.info(
+                "%s weights expect inputs scaled with mean %.4g, std %.4g: using that scale "
+                "(recorded in the checkpoint's preprocessing)",
+                report.layout, *report.input_scale,
+            )  # fmt: skip
+            config = dataclasses.replace(
+                config, mean=report.input_scale[0], std=report.input_scale[1]
+            )
+
     # ---- data ---------------------------------------------------------------------------
     splits = _load_splits(config, samples)
     classes = class_names([s for split in splits.values() for s in split])
@@ -421,13 +437,8 @@ def train(
     )
     steps_per_epoch = max(1, len(sampler) // batch_size)
 
-    # ---- model, loss, optimiser ---------------------------------------------------------
-    encoder = create_encoder(
-        config.encoder,
-        embedding_dim=config.embedding_dim,
-        weights=config.weights,
-        **config.encoder_kwargs,
-    ).to(device)
+    # ---- loss, optimiser -----------------------------------------------------------------
+    encoder = encoder.to(device)
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     criterion = create_loss(

@@ -136,7 +136,7 @@ def explain_query(
     )
     if result.label not in bundle.class_means:
         return result, None
-    png = overlay_png(query.image, heat)
+    png = overlay_png(query.image, heat, crop=bundle.preprocessing.crop)
     return result, base64.b64encode(png).decode("ascii")
 
 

@@ -139,3 +139,19 @@ def test_overlay_size_keeps_aspect(size: tuple[int, int], expected: tuple[int, i
     image = np.zeros((size[1], size[0]), np.float32)
     png = overlay_png(image, np.ones((8, 8), np.float32))
     assert Image.open(io.BytesIO(png)).size == expected
+
+
+def test_overlay_places_the_map_of_a_cropped_input_on_its_region() -> None:
+    """With a border crop the model saw the centre only: the map lands there, borders stay cold."""
+    image = np.full((100, 80), 0.5, np.float32)
+    hot = np.ones((16, 16), np.float32)
+    full = np.asarray(Image.open(io.BytesIO(overlay_png(image, hot))).convert("RGB"))
+    cropped = np.asarray(Image.open(io.BytesIO(overlay_png(image, hot, crop=0.25))).convert("RGB"))
+    cold = np.asarray(
+        Image.open(io.BytesIO(overlay_png(image, np.zeros((16, 16), np.float32)))).convert("RGB")
+    )
+    assert cropped.shape == full.shape == (100, 80, 3)
+    np.testing.assert_array_equal(cropped[50, 40], full[50, 40])  # centre: hot as without crop
+    np.testing.assert_array_equal(cropped[5, 5], cold[5, 5])  # cut border: cold
+    np.testing.assert_array_equal(cropped[95, 75], cold[95, 75])
+    assert not np.array_equal(full[5, 5], cold[5, 5])

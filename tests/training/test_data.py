@@ -20,7 +20,9 @@ from training.data import (
     balanced_sampler,
     class_counts,
     class_names,
+    group_ids,
     load_source,
+    load_sources,
     split_samples,
     summarise,
 )
@@ -281,6 +283,45 @@ def test_balanced_sampler_batches_contain_every_class() -> None:
         assert Counter(batch.tolist()) == {0: 4, 1: 4, 2: 4, 3: 4}
     with pytest.raises(ValueError):
         balanced_sampler(labels, m_per_class=4, batch_size=18)
+
+
+def test_label_x_source_batches_balance_sources_within_each_class() -> None:
+    # A children's hospital with many Normal/Bacterial, an adult one with few Normal/Pneumonia.
+    samples = (
+        [Sample(Path(f"k{i}"), "Normal", source="kids") for i in range(300)]
+        + [Sample(Path(f"b{i}"), "Bacterial", source="kids") for i in range(200)]
+        + [Sample(Path(f"a{i}"), "Normal", source="adult") for i in range(20)]
+        + [Sample(Path(f"p{i}"), "Pneumonia", source="adult") for i in range(9)]
+    )
+    groups = group_ids(samples)
+    assert len(set(groups.tolist())) == 4
+    np.random.seed(1)
+    sampler = balanced_sampler(groups, m_per_class=5)
+    indices = list(iter(sampler))
+    assert len(indices) >= 100
+    for start in range(0, len(indices), sampler.batch_size):
+        batch = Counter((samples[i].label, samples[i].source) for i in indices[start : start + 20])
+        # Normal comes from both hospitals equally; no source dominates the batch.
+        assert batch == {
+            ("Normal", "kids"): 5, ("Bacterial", "kids"): 5,
+            ("Normal", "adult"): 5, ("Pneumonia", "adult"): 5,
+        }  # fmt: skip
+
+
+def test_several_sources_keep_their_names_and_are_split_each(tmp_path: Path) -> None:
+    for site, labels in (("site_a", ["Normal", "COVID-19"]), ("site_b", ["Normal", "Other"])):
+        for label in labels:
+            for i in range(10):
+                write_image(tmp_path / site / "data" / label / f"{i}.png", value=10 * i)
+    samples = load_sources([tmp_path / "site_a" / "data", tmp_path / "site_b" / "data"])
+    assert {s.source for s in samples} == {"data", "data-2"}  # same folder name, kept apart
+    splits = split_samples(samples, val_fraction=0.2, test_fraction=0.2, seed=0)
+    for name in ("train", "val", "test"):
+        assert {s.source for s in splits[name]} == {"data", "data-2"}
+        assert {s.label for s in splits[name] if s.source == "data-2"} == {"Normal", "Other"}
+    assert sum(len(v) for v in splits.values()) == 40
+    with pytest.raises(DataSourceError):
+        load_sources([])
 
 
 # ------------------------------------------------------------------------------------------

@@ -108,3 +108,85 @@ def test_bad_weights_path_is_a_clear_error(tmp_path: Path) -> None:
     torch.save({"foo.weight": torch.zeros(3)}, other)
     with pytest.raises(EncoderWeightsError, match="matches none"):
         create_encoder("sepconv", weights=other)
+
+
+# ------------------------------------------------------------------------------------------
+# Pretrained-weights layouts found in the wild (issue: each loads fully or fails loudly)
+
+
+def _densenet_old_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Rename to the pre-0.3 torchvision DenseNet names (``norm.1``) behind ``prefix``."""
+    import re
+
+    pattern = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.")
+    return {prefix + pattern.sub(r"\1.\2.", k): v for k, v in state.items()}
+
+
+def test_chexnet_style_densenet_with_prefixes_and_old_keys_loads_fully(tmp_path: Path) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    rgb = torchvision.models.densenet121(weights=None)
+    state = _densenet_old_keys(rgb.state_dict(), "module.densenet121.")
+    assert any(".norm.1." in k for k in state)
+    path = tmp_path / "chexnet.pth.tar"
+    torch.save({"epoch": 3, "state_dict": state}, path)
+    encoder = create_encoder("densenet121", weights=path)
+    net = encoder.backbone.features
+    torch.testing.assert_close(
+        net.denseblock4.denselayer16.norm2.weight,
+        rgb.features.denseblock4.denselayer16.norm2.weight,
+    )
+    torch.testing.assert_close(net.conv0.weight, rgb.features.conv0.weight.sum(dim=1, keepdim=True))
+
+
+def test_torchxrayvision_densenet_sets_its_input_scale(tmp_path: Path) -> None:
+    from training.encoders import XRV_INPUT_SCALE, load_weights
+
+    source = create_encoder("densenet121")  # grey stem, like torchxrayvision's DenseNet
+    state = {k.removeprefix("backbone."): v for k, v in source.state_dict().items()}
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    state["op_threshs"] = torch.rand(18)
+    state["classifier.weight"] = torch.zeros(18, 1024)
+    path = tmp_path / "xrv.pt"
+    torch.save(state, path)
+    report = load_weights(create_encoder("densenet121"), path)
+    assert report.input_scale == XRV_INPUT_SCALE == (0.5, 1 / 2048)
+    assert report.layout.startswith("torchxrayvision")
+    assert "op_threshs" in report.unexpected and report.missing == []
+    # (x - 0.5) * 2048 maps [0, 1] pixels onto torchxrayvision's [-1024, 1024].
+    mean, std = report.input_scale
+    assert ((0.0 - mean) / std, (1.0 - mean) / std) == (-1024.0, 1024.0)
+
+
+def test_whole_pickled_model_loads_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)  # the whole nn.Module, not a state dict
+    with caplog.at_level(logging.WARNING, logger="training.encoders"):
+        encoder = create_encoder("resnet18", weights=path)
+    torch.testing.assert_close(
+        encoder.backbone.layer3[0].conv1.weight, model.layer3[0].conv1.weight
+    )
+    assert "load only files you trust" in caplog.text
+
+
+def test_backbone_with_missing_layers_is_refused(tmp_path: Path) -> None:
+    import torchvision
+
+    state = {
+        k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items()
+        if not k.startswith("layer4.")
+    }  # fmt: skip
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(EncoderWeightsError, match=r"unset \(layer4"):
+        create_encoder("resnet18", weights=path)
+    # A ResNet-50 file for a ResNet-18 encoder: shapes differ everywhere -> refused too.
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    with pytest.raises(EncoderWeightsError, match="another architecture"):
+        create_encoder("resnet18", weights=path)

@@ -10,6 +10,8 @@ import torch
 
 from training.preprocess import (
     Preprocessing,
+    crop_box,
+    equalize_histogram,
     preprocess,
     preprocess_batch,
     train_augmentation,
@@ -106,3 +108,33 @@ def test_augmentation_without_flip_is_configurable() -> None:
     assert "HorizontalFlip" not in repr(augment)
     with pytest.raises(ValueError):
         train_augmentation(spec, hflip_p=2.0)
+
+
+def test_border_crop_removes_edge_markers() -> None:
+    # A bright "R" marker in the corner, uniform lungs elsewhere: after a 10 % crop the
+    # model input is uniform, so the marker cannot be learned.
+    image = np.full((100, 100), 0.4, np.float32)
+    image[2:8, 2:8] = 1.0
+    spec = Preprocessing(image_size=20, mean=0.0, std=1.0, crop=0.1)
+    out = preprocess(image, spec)
+    assert out.shape == (1, 20, 20)
+    torch.testing.assert_close(out, torch.full((1, 20, 20), 0.4))
+    assert preprocess(image, Preprocessing(image_size=20, mean=0.0, std=1.0)).max() > 0.45
+    assert crop_box(100, 50, 0.1) == (10, 90, 5, 45)
+
+
+def test_histogram_equalisation_makes_exposures_agree() -> None:
+    rng = np.random.default_rng(0)
+    film = rng.random((64, 64)).astype(np.float32) ** 2
+    dark, bright = 0.3 * film, 0.5 + 0.5 * film  # the same film, two exposures
+    spec = Preprocessing(image_size=64, mean=0.0, std=1.0, equalize=True)
+    a, b = preprocess(dark, spec), preprocess(bright, spec)
+    assert float((a - b).abs().max()) < 0.02
+    assert float(a.min()) == 0.0 and float(a.max()) == 1.0
+    plain = Preprocessing(image_size=64, mean=0.0, std=1.0)
+    assert float((preprocess(dark, plain) - preprocess(bright, plain)).abs().mean()) > 0.4
+    flat = preprocess(np.full((8, 8), 0.9, np.float32), spec)
+    torch.testing.assert_close(flat, torch.full((1, 64, 64), 0.5))
+    # Hand-computed: levels 0, 0, 128, 255 -> ranks (cdf - cdf_min) / (n - cdf_min)
+    x = torch.tensor([[0.0, 0.0], [128 / 255, 1.0]])
+    torch.testing.assert_close(equalize_histogram(x), torch.tensor([[0.0, 0.0], [0.5, 1.0]]))
