@@ -10,7 +10,12 @@ import typer
 
 from app.commands import register as register_service_commands
 from index.bench import bench_index_command
-from training.cli import bench_train_command, evaluate_command, train_command
+from training.cli import (
+    bench_adapt_command,
+    bench_train_command,
+    evaluate_command,
+    train_command,
+)
 
 cli = typer.Typer(
     name="cxr",
@@ -24,6 +29,7 @@ cli.add_typer(bench, name="bench")
 cli.command("train")(train_command)
 cli.command("evaluate")(evaluate_command)
 bench.command("train")(bench_train_command)
+bench.command("adapt")(bench_adapt_command)
 bench.command("index")(bench_index_command)
 
 # Service commands (serve, worker, keys, models, references, bench predict).

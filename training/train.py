@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from training.checkpoint import atomic_torch_save, save_checkpoint
+from training.checkpoint import atomic_torch_save, read_checkpoint, save_checkpoint
 from training.data import (
     Sample,
     XrayDataset,
@@ -58,7 +58,15 @@ from training.preprocess import Preprocessing, train_augmentation
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "default_threads", "resolve_device", "train"]
+__all__ = [
+    "FINETUNE",
+    "TrainConfig",
+    "TrainResult",
+    "default_threads",
+    "finetune_config",
+    "resolve_device",
+    "train",
+]
 
 
 @dataclass
@@ -92,6 +100,13 @@ class TrainConfig:
     workers: int | None = None  # DataLoader workers; None: 0 on CPU, up to 8 on CUDA
     threads: int | None = None  # torch CPU threads; None: the cores that are idle right now
     weights: str | None = None  # state dict to start from (never downloaded)
+    # A cxr checkpoint to fine-tune: its architecture, embedding size and preprocessing replace
+    # the fields above, its weights initialise the encoder (how a site is adapted: the active
+    # model fine-tuned on the references, each source balanced by the sampler).
+    init_from: str | None = None
+    # Images drawn per epoch (None: the size of the train split). Fine-tuning uses a fixed
+    # budget so its cost does not grow with the number of vendor references.
+    epoch_images: int | None = None
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     augment: bool = True
@@ -158,6 +173,10 @@ class TrainConfig:
             raise ValueError("batch_size must be at least 2 (metric losses need pairs)")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.epoch_images is not None and self.epoch_images < 1:
+            raise ValueError(f"epoch_images must be at least 1, got {self.epoch_images}")
+        if self.init_from and self.weights:
+            raise ValueError("give either init_from (a cxr checkpoint) or weights, not both")
         self.preprocessing()  # crop / equalize / size checked where they are defined
 
 
@@ -297,6 +316,49 @@ def _load_splits(
     )
 
 
+# Site adaptation: a few short epochs at a low learning rate from the active model. Measured in
+# docs/BENCHMARKS.md ("Site adaptation"); about a minute on a 2-core CPU.
+FINETUNE = {"epochs": 4, "lr": 5e-4, "warmup_epochs": 0.25, "epoch_images": 1200}
+
+
+def finetune_config(init_from: str | Path, **overrides: Any) -> TrainConfig:
+    """The configuration that adapts the model ``init_from`` to the references it is given.
+
+    The label x source sampler does the up-weighting: five images a site enrolled form a
+    group drawn as often as a vendor's thousand, so the encoder learns the site without
+    forgetting the vendor sources, whose references stay in every batch.
+    """
+    return TrainConfig(**{**FINETUNE, **overrides, "init_from": str(init_from)})
+
+
+def _adopt_checkpoint(config: TrainConfig) -> TrainConfig:
+    """``config`` with the architecture and preprocessing of the checkpoint it fine-tunes.
+
+    A fine-tuned model must see pixels exactly as its starting point did, and its weights only
+    fit the same architecture: these fields are taken from the checkpoint, not the config.
+    """
+    assert config.init_from is not None
+    meta = read_checkpoint(config.init_from)
+    pre = Preprocessing.from_dict(meta["preprocessing"])
+    adopted = dataclasses.replace(
+        config,
+        encoder=str(meta["encoder_name"]),
+        embedding_dim=int(meta["embedding_dim"]),
+        encoder_kwargs=dict(meta.get("encoder_kwargs") or {}),
+        image_size=pre.image_size,
+        mean=pre.mean,
+        std=pre.std,
+        crop=pre.crop,
+        equalize=pre.equalize,
+        weights=None,
+    )
+    log.info(
+        "fine-tuning %s (%s, %d px) from %s",
+        adopted.encoder, adopted.loss, adopted.image_size, config.init_from,
+    )  # fmt: skip
+    return adopted
+
+
 def _make_progress(enabled: bool) -> Any:
     """A rich progress bar (epoch, loss, images/s, ETA) on stderr, or None."""
     if not enabled:
@@ -391,9 +453,13 @@ def train(
     amp_dtype = torch.bfloat16 if on_cuda else None
 
     # ---- encoder (first: pretrained weights may fix the input scale) --------------------
+    if config.init_from:
+        config = _adopt_checkpoint(config)
     encoder = create_encoder(
         config.encoder, embedding_dim=config.embedding_dim, **config.encoder_kwargs
     )
+    if config.init_from:
+        encoder.load_state_dict(read_checkpoint(config.init_from)["state_dict"])
     if config.weights:
         report = load_weights(encoder, config.weights)
         if report.input_scale is not None and report.input_scale != (config.mean, config.std):
@@ -423,7 +489,10 @@ def train(
     batch_size = min(config.batch_size, m_per_class * n_groups)
     batch_size -= batch_size % m_per_class
     sampler = balanced_sampler(
-        train_set.groups, m_per_class=m_per_class, length=len(train_set), batch_size=batch_size
+        train_set.groups,
+        m_per_class=m_per_class,
+        length=config.epoch_images or len(train_set),
+        batch_size=batch_size,
     )
     augment = train_augmentation(spec, erase_p=config.erase_p) if config.augment else None
     loader = DataLoader(
