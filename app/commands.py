@@ -153,6 +153,14 @@ def references_import_command(
     src: Annotated[
         Path, typer.Argument(help="Image folder, CSV manifest, CoronaHack or COVID collection.")
     ],
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--source",
+            help="Name of the hospital or collection (default: SRC's folder name, the one "
+            "above a train/val/test folder). Retraining balances label x source.",
+        ),
+    ] = None,
 ) -> None:
     """Enroll every labeled image of SRC; unreadable files are skipped and counted."""
     from rich.console import Console
@@ -182,7 +190,7 @@ def references_import_command(
             result = _with_session(
                 settings,
                 lambda s: import_references(
-                    session=s, source=src, settings=settings, progress=report
+                    session=s, source=src, settings=settings, progress=report, source_name=source
                 ),
             )
         except (FileNotFoundError, ValueError) as exc:  # DataSourceError is a ValueError

@@ -467,11 +467,14 @@ def _detect_directory(root: Path) -> tuple[str, Path]:
 
 
 def source_name(src: Path | str) -> str:
-    """The default name of a source: its folder's name (a CSV file names its folder)."""
-    path = Path(src).expanduser()
+    """The default name of a source: its folder's name (a CSV file names its folder, and a
+    split folder such as ``cxr4/train`` names the collection above it)."""
+    path = Path(src).expanduser().resolve()
     if path.suffix.lower() == ".csv":
         path = path.parent
-    return path.resolve().name or str(path)
+    if path.name.lower() in _SPLIT_ALIASES and path.parent.name:
+        path = path.parent
+    return path.name or str(path)
 
 
 def load_source(src: Path | str, *, name: str | None = None) -> list[Sample]:

@@ -101,6 +101,10 @@ class Reference(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     source_format: Mapped[str] = mapped_column(String(16))
+    # The hospital or collection the image came from (``cxr references import`` names it after
+    # its folder; HTTP enrollments say ``site`` unless the form names one). None: enrolled
+    # before sources were recorded.
+    source: Mapped[str | None] = mapped_column(String(64), default=None)
     enrolled_by: Mapped[int | None] = mapped_column(
         ForeignKey("api_keys.id", ondelete="SET NULL"), default=None
     )

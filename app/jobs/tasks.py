@@ -61,6 +61,11 @@ VAL_FRACTION = 0.2
 #: Progress milestones: training fills [TRAIN_START, TRAIN_END], the rest is evaluation/embedding.
 TRAIN_START, TRAIN_END = 0.02, 0.85
 VALIDATION_METRIC = "knn_balanced_accuracy"
+# A source may lose at most this much balanced accuracy for the new model to be activated
+# (validation sets of a few images per class move in steps of that size by chance).
+SOURCE_TOLERANCE = 0.02
+# Parameters whose change needs training from scratch (a fine-tune keeps the architecture).
+_ARCHITECTURE_PARAMS = ("encoder", "image_size", "embedding_dim")
 EMBED_BATCH = 64
 
 
@@ -84,6 +89,7 @@ class RefSnapshot:
     label: str
     sha256: str
     path: Path
+    source: str = ""
 
 
 @dataclass
@@ -275,7 +281,7 @@ def _retrain(
     heartbeat: Heartbeat,
     stop: threading.Event | None = None,
 ) -> None:
-    from training.train import TrainConfig, train
+    from training.train import TrainConfig, finetune_config, train
 
     progress = ProgressWriter(
         factory,
@@ -288,18 +294,26 @@ def _retrain(
     progress(0.0, force=True)
     with factory() as session:
         snapshot = snapshot_references(session, settings=settings, scratch=scratch / "images")
-    config = TrainConfig(
-        **{
-            **params,
-            "out": str(scratch / "run"),
-            "device": train_device(settings.device),
-            # No terminal to draw on (a server or worker log).
-            "progress_bar": False,
-            # The images are decoded and cached in memory before training, so loader processes
-            # would only augment; and a Celery prefork child is daemonic, which may not fork.
-            "workers": 0,
-        }
-    )
+        active = session.execute(select(Model).where(Model.active.is_(True))).scalars().first()
+        active_version = active.version if active is not None else None
+        active_path = resolve_data_path(active.file_path, settings) if active is not None else None
+    fixed = {
+        "out": str(scratch / "run"),
+        "device": train_device(settings.device),
+        # No terminal to draw on (a server or worker log).
+        "progress_bar": False,
+        # The images are decoded and cached in memory before training, so loader processes
+        # would only augment; and a Celery prefork child is daemonic, which may not fork.
+        "workers": 0,
+    }
+    # Adapt the active model (minutes on a CPU; the label x source sampler gives a site's few
+    # references the weight of a vendor's thousands) unless the request asks for another
+    # architecture or input size, which only training from scratch can give.
+    finetune_from = active_path if _can_finetune(active_path, params) else None
+    if finetune_from is not None:
+        config = finetune_config(finetune_from, **params, **fixed)
+    else:
+        config = TrainConfig(**{**params, **fixed})
     seed = int(getattr(config, "seed", 0) or 0)
     split = split_for_validation(snapshot, val_fraction=VAL_FRACTION, seed=seed)
     check_split(split)
@@ -340,26 +354,28 @@ def _retrain(
     new_score = knn_balanced_accuracy(new_train, split.train, new_val, split.val, k=k)
     progress(0.88, force=True)
 
-    with factory() as session:
-        active = session.execute(select(Model).where(Model.active.is_(True))).scalars().first()
-        active_version = active.version if active is not None else None
-        active_path = resolve_data_path(active.file_path, settings) if active is not None else None
+    new_sources = per_source_accuracy(new_train, split.train, new_val, split.val, k=k)
     active_score: float | None = None
+    active_sources: dict[str, float] = {}
     if active_path is not None:
         try:
             old_model = load_checkpoint(active_path, map_location=device)
-            active_score = knn_balanced_accuracy(
-                embed_paths(old_model, [r.path for r in split.train], device=device),
-                split.train,
-                embed_paths(old_model, [r.path for r in split.val], device=device),
-                split.val,
-                k=k,
-            )
+            old_train = embed_paths(old_model, [r.path for r in split.train], device=device)
+            old_val = embed_paths(old_model, [r.path for r in split.val], device=device)
+            active_score = knn_balanced_accuracy(old_train, split.train, old_val, split.val, k=k)
+            active_sources = per_source_accuracy(old_train, split.train, old_val, split.val, k=k)
         except Exception:  # a broken active model must not block its replacement
             logger.warning("job %s: could not evaluate active model", job_id, exc_info=True)
     progress(0.9, force=True)
 
-    better = active_version is None or active_score is None or new_score > active_score
+    losers = {
+        src: (new_sources[src], old)
+        for src, old in active_sources.items()
+        if src in new_sources and new_sources[src] < old - SOURCE_TOLERANCE
+    }
+    better = (
+        active_version is None or active_score is None or (new_score > active_score and not losers)
+    )
     metrics: dict[str, Any] = {
         "validation": {
             "metric": VALIDATION_METRIC,
@@ -367,7 +383,11 @@ def _retrain(
             "new": new_score,
             "active": active_score,
             "active_version": active_version,
+            "per_source": {"new": new_sources, "active": active_sources or None},
         },
+        "mode": (
+            f"fine-tuned from {active_version}" if finetune_from is not None else "from scratch"
+        ),
         "training": _jsonable(result.metrics),
         "n_train": len(split.train),
         "n_val": len(split.val),
@@ -420,6 +440,12 @@ def _retrain(
                 else f"beats {active_version}: {new_score:.4f} > {active_score}"
             )
             activated = True
+        elif losers:
+            worse = ", ".join(f"{s or 'unnamed'} {n:.3f} < {o:.3f}" for s, (n, o) in losers.items())
+            reason = (
+                f"worse than {active_version} on a source ({worse}); kept as a candidate "
+                f"(activate it with POST /admin/models/{version}/activate)"
+            )
         else:
             reason = (
                 f"does not beat {active_version} ({new_score:.4f} <= {active_score:.4f}); kept "
@@ -458,6 +484,24 @@ def _retrain(
 # -- building blocks (pure or nearly so; unit-tested) ---------------------------------------
 
 
+def _can_finetune(active_path: Path | None, params: dict[str, Any]) -> bool:
+    """Fine-tune the active model unless the request changes what a fine-tune must keep."""
+    if active_path is None or not active_path.is_file():
+        return False
+    from training.checkpoint import read_checkpoint
+
+    try:
+        meta = read_checkpoint(active_path)
+    except (OSError, ValueError):
+        return False
+    current = {
+        "encoder": meta["encoder_name"],
+        "image_size": meta["preprocessing"]["image_size"],
+        "embedding_dim": meta["embedding_dim"],
+    }
+    return all(params.get(name, current[name]) == current[name] for name in _ARCHITECTURE_PARAMS)
+
+
 def resolve_data_path(path: str, settings: Settings) -> Path:
     """Stored paths are relative to `data_dir` (the inference side's rule; absolute kept)."""
     from app.state import resolve_data_path as resolve
@@ -490,13 +534,13 @@ def snapshot_references(
     """
     scratch.mkdir(parents=True, exist_ok=True)
     rows = session.execute(
-        select(Reference.id, Reference.label, Reference.sha256, Reference.image_path).order_by(
-            Reference.id
-        )
+        select(
+            Reference.id, Reference.label, Reference.sha256, Reference.image_path, Reference.source
+        ).order_by(Reference.id)
     ).all()
     snapshot: list[RefSnapshot] = []
     missing: list[str] = []
-    for ref_id, label, sha256, image_path in rows:
+    for ref_id, label, sha256, image_path, ref_source in rows:
         source = resolve_data_path(image_path, settings)
         target = scratch / f"{ref_id}{source.suffix}"
         try:
@@ -507,7 +551,9 @@ def snapshot_references(
         except FileNotFoundError:
             missing.append(ref_id)
             continue
-        snapshot.append(RefSnapshot(id=ref_id, label=label, sha256=sha256, path=target))
+        snapshot.append(
+            RefSnapshot(id=ref_id, label=label, sha256=sha256, path=target, source=ref_source or "")
+        )
     if missing:
         logger.warning(
             "%d reference image(s) missing from %s, skipped: %s",
@@ -521,14 +567,16 @@ def snapshot_references(
 def split_for_validation(
     refs: Sequence[RefSnapshot], *, val_fraction: float = VAL_FRACTION, seed: int = 0
 ) -> Split:
-    """Stratified by label, grouped by image hash; every class keeps a group in train.
+    """Stratified by label x source, grouped by image hash; every class keeps a group in train.
 
     Deterministic for a given snapshot and seed. A class with n >= 2 groups sends
     `max(1, round(n * val_fraction))` groups (at most n - 1) to validation.
     """
-    groups: dict[str, dict[str, list[RefSnapshot]]] = defaultdict(lambda: defaultdict(list))
-    for ref in refs:
-        groups[ref.label][ref.sha256].append(ref)
+    groups: dict[tuple[str, str], dict[str, list[RefSnapshot]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for ref in refs:  # each source's classes are held out on their own
+        groups[(ref.label, ref.source)][ref.sha256].append(ref)
     rng = random.Random(seed)
     split = Split()
     for label in sorted(groups):
@@ -562,7 +610,10 @@ def to_samples(split: Split) -> dict[str, list[Any]]:
     from training.data import Sample
 
     return {
-        name: [Sample(path=r.path, label=r.label, split=name, patient_id=None) for r in refs]
+        name: [
+            Sample(path=r.path, label=r.label, split=name, patient_id=None, source=r.source)
+            for r in refs
+        ]
         for name, refs in (("train", split.train), ("val", split.val))
     }
 
@@ -614,6 +665,30 @@ def embed_paths(
     return out / np.maximum(norms, 1e-12)
 
 
+def per_source_accuracy(
+    ref_emb: np.ndarray,
+    refs: Sequence[RefSnapshot],
+    query_emb: np.ndarray,
+    queries: Sequence[RefSnapshot],
+    *,
+    k: int = 5,
+) -> dict[str, float]:
+    """k-NN balanced accuracy of each source's validation queries against all references.
+
+    A model is promoted only if no source loses: a retrain that learns a new site by
+    forgetting the vendor's data (or the reverse) must not replace the active model.
+    """
+    rows: dict[str, list[int]] = defaultdict(list)
+    for i, query in enumerate(queries):
+        rows[query.source].append(i)
+    return {
+        source: _knn_balanced_accuracy(
+            ref_emb, refs, query_emb[idx], [queries[i] for i in idx], k=k
+        )
+        for source, idx in sorted(rows.items())
+    }
+
+
 def knn_balanced_accuracy(
     ref_emb: np.ndarray,
     refs: Sequence[RefSnapshot],
@@ -622,7 +697,21 @@ def knn_balanced_accuracy(
     *,
     k: int = 5,
 ) -> float:
-    """Balanced accuracy of the distance-weighted k-NN vote (the service's default method).
+    """The validation metric: mean over sources of their k-NN balanced accuracy, so a site's
+    few images weigh as much as a vendor's thousands (one source: plain balanced accuracy)."""
+    scores = per_source_accuracy(ref_emb, refs, query_emb, queries, k=k)
+    return float(np.mean(list(scores.values()))) if scores else 0.0
+
+
+def _knn_balanced_accuracy(
+    ref_emb: np.ndarray,
+    refs: Sequence[RefSnapshot],
+    query_emb: np.ndarray,
+    queries: Sequence[RefSnapshot],
+    *,
+    k: int = 5,
+) -> float:
+    """Balanced accuracy of the distance-weighted k-NN vote.
 
     Mean over the query classes of per-class recall; a class's recall counts its queries whose
     vote, among the `k` nearest references, weighted by 1/(distance + 1e-6), is its label.

@@ -21,6 +21,7 @@ from app.schemas import (
     ReferencesPublic,
 )
 from app.services.references import (
+    SITE_SOURCE,
     ReferenceNotFoundError,
     delete_reference,
     enroll_references,
@@ -88,6 +89,14 @@ def create_references(
     key: ClinicianKey,
     file: Annotated[list[UploadFile], File(description="One or more PNG, JPEG or DICOM images")],
     label: Annotated[str, Form(description="Class label (new labels create a new class)")],
+    source: Annotated[
+        str,
+        Form(
+            max_length=64,
+            description="The hospital or scanner the images come from (default: site). "
+            "Retraining gives each source's classes equal weight.",
+        ),
+    ] = SITE_SOURCE,
 ) -> ReferencesEnrolledPublic:
     if len(file) > settings.max_files_per_request:
         raise HTTPException(
@@ -100,7 +109,12 @@ def create_references(
         for upload in file
     ]
     enrolled = enroll_references(
-        session=session, files=files, label=label, enrolled_by=key.id, settings=settings
+        session=session,
+        files=files,
+        label=label,
+        enrolled_by=key.id,
+        settings=settings,
+        source=source,
     )
     if any(not item.duplicate for item in enrolled):
         notify_references_changed(request, session)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -168,6 +169,22 @@ def _to_result(row: Reference, *, duplicate: bool) -> EnrolledReference:
     )
 
 
+SITE_SOURCE = "site"
+_SOURCE_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+
+
+def validate_source(source: str) -> str:
+    """A source name: 1-64 letters, digits, space, dot, dash or underscore (it is logged and
+    shown to admins, so nothing that could carry markup or a patient's name in free text)."""
+    text = (source or "").strip()
+    if not _SOURCE_CHARS.match(text):
+        raise InvalidLabelError(
+            "source must be 1-64 characters of letters, digits, space, '.', '-' or '_' and "
+            f"start with a letter or digit (got {text[:70]!r})"
+        )
+    return text
+
+
 def _insert_prepared(
     *,
     session: Session,
@@ -175,6 +192,7 @@ def _insert_prepared(
     label: str,
     enrolled_by: int | None,
     settings: Settings,
+    source: str | None = None,
 ) -> list[EnrolledReference]:
     """Store files and add rows (flushed, not committed); duplicates resolved against the DB."""
     shas = {p.sha256 for p in prepared}
@@ -202,6 +220,7 @@ def _insert_prepared(
             height=item.height,
             source_format=item.format.value,
             enrolled_by=enrolled_by,
+            source=source,
             created_at=utcnow(),
         )
         session.add(row)
@@ -218,8 +237,13 @@ def enroll_references(
     label: str,
     enrolled_by: int | None,
     settings: Settings,
+    source: str = SITE_SOURCE,
 ) -> list[EnrolledReference]:
     """Enroll uploaded files under `label`; all or nothing, committed, index_version bumped.
+
+    `source` names the hospital the images come from (default `site`: this deployment's own);
+    retraining balances label x source, so a site's few images count as much as a vendor's
+    thousands.
 
     Every file is validated before anything is written, so one bad file refuses the whole
     request (its error names the file's position, never its name). Enrolling bytes that are
@@ -244,6 +268,7 @@ def enroll_references(
                 label=label,
                 enrolled_by=enrolled_by,
                 settings=settings,
+                source=validate_source(source),
             )
             if any(not r.duplicate for r in results):
                 bump_index_version(session)
@@ -321,6 +346,7 @@ def import_references(
     progress: Callable[[int, int], None] | None = None,
     enrolled_by: int | None = None,
     batch_size: int = 64,
+    source_name: str | None = None,
 ) -> ImportReport:
     """Enroll every labeled image of `source` (any source `training.data.load_source` reads).
 
@@ -329,9 +355,12 @@ def import_references(
     duplicates. Commits in batches; bumps index_version once per batch that added references.
     `progress(done, total)` is called after each file.
     """
-    from training.data import load_source  # heavy import (torch); only the import needs it
+    # heavy import (torch); only the import needs it
+    from training.data import load_source
+    from training.data import source_name as default_source_name
 
-    samples = load_source(Path(source))
+    name = validate_source(source_name or default_source_name(source))
+    samples = load_source(Path(source), name=name)
     report = ImportReport(total=len(samples))
     pending: dict[str, list[PreparedImage]] = {}
     pending_count = 0
@@ -346,6 +375,7 @@ def import_references(
                 label=label,
                 enrolled_by=enrolled_by,
                 settings=settings,
+                source=name,
             ):
                 if r.duplicate:
                     report.duplicates += 1

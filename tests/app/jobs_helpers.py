@@ -45,7 +45,12 @@ def class_png(label: str, seed: int, size: int = 48) -> bytes:
 
 
 def enroll(
-    client: TestClient, headers: dict[str, str], *, per_class: int = 6, seed0: int = 0
+    client: TestClient,
+    headers: dict[str, str],
+    *,
+    per_class: int = 6,
+    seed0: int = 0,
+    source: str | None = None,
 ) -> int:
     """Enroll `per_class` synthetic images of each label over HTTP; returns how many."""
     total = 0
@@ -54,7 +59,8 @@ def enroll(
             ("file", (f"{label}-{j}.png", class_png(label, seed0 + 1000 * i + j), "image/png"))
             for j in range(per_class)
         ]
-        response = client.post("/references", headers=headers, data={"label": label}, files=files)
+        data = {"label": label, **({"source": source} if source else {})}
+        response = client.post("/references", headers=headers, data=data, files=files)
         assert response.status_code == 201, response.text
         total += len(response.json()["references"])
     return total

@@ -465,3 +465,48 @@ def test_api_shutdown_interrupts_an_in_process_retrain_and_fails_it(
         assert job is not None and job.status == "failed"
         assert "was shut down" in (job.error or "") and job.model_version is None
         assert session.execute(select(Model)).first() is None
+
+
+def test_retrain_fine_tunes_the_active_model_and_validates_every_source(
+    app: FastAPI, client: TestClient, headers: dict[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """With an active model, a retrain adapts it (same architecture and pixels) on the
+    references of every source, and reports the validation of each source."""
+    admin = headers["admin"]
+    enroll(client, headers["clinician"], per_class=5, source="vendor")
+    enroll(client, headers["clinician"], per_class=3, seed0=50, source="st-mary")
+    active = register(app, make_checkpoint(tmp_path / "active.pt"), activate=True)
+    with app.state.sessionmaker() as session:
+        assert {r.source for r in session.query(Reference)} == {"vendor", "st-mary"}
+
+    response = client.post("/admin/retrain", headers=admin, json=TINY)
+    job = wait_for_job(client, admin, response.json()["job_id"], timeout=240)
+    assert job["status"] == "succeeded", job["error"]
+    metrics = job["metrics"]
+    assert metrics["mode"] == f"fine-tuned from {active}"
+    per_source = metrics["validation"]["per_source"]
+    assert set(per_source["new"]) == set(per_source["active"]) == {"vendor", "st-mary"}
+    assert metrics["training"]["splits"]["val"]["total"] == metrics["n_val"] >= 2 * len(LABELS)
+
+    from training.checkpoint import load_checkpoint
+
+    with app.state.sessionmaker() as session:
+        row = session.get(Model, job["model_version"])
+        assert row is not None
+        tuned = load_checkpoint(app.state.settings.data_dir / row.file_path)
+    base = load_checkpoint(tmp_path / "active.pt")
+    assert tuned.encoder_name == base.encoder_name
+    assert tuned.preprocessing == base.preprocessing
+    assert tuned.config["init_from"]
+
+
+def test_an_invalid_source_name_is_refused(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    files = [("file", ("a.png", class_png(LABELS[0], 1), "image/png"))]
+    response = client.post(
+        "/references", headers=headers["clinician"],
+        data={"label": LABELS[0], "source": "<script>"}, files=files,
+    )  # fmt: skip
+    assert response.status_code == 422
+    assert "source must be" in response.json()["detail"]
