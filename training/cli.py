@@ -145,6 +145,18 @@ def train_command(
     weights: Path | None = typer.Option(
         None, "--weights", help="Start from this state dict file (never downloaded)."
     ),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", help="Fine-tune this cxr checkpoint (its architecture and pixels)."
+    ),
+    crop: float = typer.Option(
+        _DEFAULTS.crop, min=0.0, max=0.39, help="Fraction cut from each border (markers, text)."
+    ),
+    equalize: bool = typer.Option(
+        _DEFAULTS.equalize, "--equalize/--no-equalize", help="Histogram-equalise every image."
+    ),
+    erase_p: float = typer.Option(
+        _DEFAULTS.erase_p, min=0.0, max=1.0, help="Probability of erasing a random patch."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue --out from its last.pt."),
     lr: float = typer.Option(_DEFAULTS.lr, help="Peak learning rate (AdamW)."),
     patience: int = typer.Option(
@@ -168,6 +180,8 @@ def train_command(
             data=[str(d) for d in data], out=str(out), encoder=encoder, loss=loss, epochs=epochs,
             image_size=image_size, batch_size=batch_size, device=device, seed=seed,
             weights=str(weights) if weights else None, resume=resume, lr=lr,
+            init_from=str(init_from) if init_from else None, crop=crop, equalize=equalize,
+            erase_p=erase_p,
             patience=patience or None, workers=workers, threads=threads, progress_bar=progress_bar,
         )  # fmt: skip
         config.validate()
