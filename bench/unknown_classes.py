@@ -14,7 +14,7 @@ images of enrolled classes "known" (negatives). Reported per held-out class:
 Usage::
 
     uv run python bench/unknown_classes.py --checkpoint runs/x/encoder.pt \\
-        --data /work/shared/data/cxr4 --out runs/unknown_classes.json
+        --data ../shared/data/cxr4 --data ../shared/data/adult --out runs/unknown_classes.json
 
 This script may import both ``training`` and ``index`` (it lives outside the packages);
 :func:`unknown_class_report` needs only embeddings, so it is testable without a model.
@@ -131,14 +131,17 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def embed_split(checkpoint: Path, data: Path, *, device: str, batch_size: int, limit: int | None):
-    """Train and test embeddings of ``data`` under ``checkpoint`` (training package needed)."""
+def embed_split(
+    checkpoint: Path, data: Sequence[Path], *, device: str, batch_size: int, limit: int | None
+):
+    """Train and test embeddings of the ``data`` sources under ``checkpoint`` (one index of all
+    their train splits, as a deployment of the shipped recipe enrolls them)."""
     from training.checkpoint import load_checkpoint
-    from training.data import load_source, split_samples
+    from training.data import load_sources, split_samples
     from training.evaluate import embed_samples
 
     loaded = load_checkpoint(checkpoint, map_location=device)
-    splits = split_samples(load_source(data))
+    splits = split_samples(load_sources(list(data)))
     out = {}
     for split in ("train", "test"):
         samples = splits[split]
@@ -155,7 +158,9 @@ def embed_split(checkpoint: Path, data: Path, *, device: str, batch_size: int, l
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="encoder.pt to embed with")
-    parser.add_argument("--data", type=Path, required=True, help="labeled source (train/test)")
+    parser.add_argument(
+        "--data", type=Path, action="append", required=True, help="labeled source (repeatable)"
+    )
     parser.add_argument("--quantile", type=float, default=0.95)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--device", default="cpu")
