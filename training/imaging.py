@@ -1102,97 +1102,28 @@ def _visit(ds: Any, fn: Callable[[Any], None]) -> None:
                 _visit(item, fn)
 
 
-def _scrub(ds: Any) -> None:
-    from pydicom.dataelem import DataElement
-    from pydicom.multival import MultiValue
-
-    for keyword in REMOVED_DICOM_KEYWORDS:
-        if keyword in ds:
-            delattr(ds, keyword)
-    for keyword in BLANKED_DICOM_KEYWORDS:
-        if keyword in ds:
-            elem = ds[keyword]
-            ds[elem.tag] = DataElement(elem.tag, elem.VR, "")
-    for keyword in _REPLACED_UID_KEYWORDS:
-        if keyword in ds and ds[keyword].value:
-            value = ds[keyword].value
-            if isinstance(value, MultiValue | list | tuple):
-                ds[keyword].value = [_new_uid(v) for v in value]
-            else:
-                ds[keyword].value = _new_uid(value)
-    # Person names (VR PN) anywhere, under any tag we did not list, are blanked too.
-    for elem in list(ds):
-        if elem.VR == "PN" and elem.value not in (None, ""):
-            ds[elem.tag] = DataElement(elem.tag, "PN", "")
-
-
 def deidentify_dicom(data: bytes) -> bytes:
-    """Return the DICOM ``data`` with patient identifiers removed, re-encoded.
+    """Return the DICOM ``data`` rebuilt from the allow-list of
+    :func:`training.deidentify.clean_for_storage` (kept for importers of this module).
 
-    Applies a working subset of the DICOM PS3.15 basic application level confidentiality
-    profile, recursively in sequences: identifying type-2 attributes (name, ID, birth date,
-    accession number, dates) are blanked, others removed, every person-name element blanked,
-    instance UIDs replaced by a salted one-way hash, and *all* private tags removed (vendors
-    hide names and IDs there). ``PatientIdentityRemoved`` is set to ``YES``. Pixel data is
-    untouched: burned-in text cannot be removed here.
-
-    The service calls this before anything is stored. Raises :class:`CorruptImageError` or
-    :class:`UnsupportedImageError` when ``data`` is not a readable DICOM file.
+    Raises :class:`CorruptImageError` or :class:`UnsupportedImageError` when ``data`` is not
+    a readable DICOM file, :class:`DeidentificationError` when it cannot be made safe.
     """
+    from training.deidentify import clean_for_storage
+
     raw = _read_bytes(data)
     fmt = _format_or_raise(raw)
     if fmt is not ImageFormat.DICOM:
         raise UnsupportedImageError(
-            f"deidentify_dicom expects a DICOM file, got {fmt.name}; only DICOM files carry "
-            "patient tags."
+            f"deidentify_dicom expects a DICOM file, got {fmt.name}; use clean_for_storage "
+            "for PNG and JPEG."
         )
-    ds = _read_dicom(raw, stop_before_pixels=False)
-    try:
-        ds.remove_private_tags()
-        _visit(ds, _scrub)
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None and "MediaStorageSOPInstanceUID" in meta:
-            if "SOPInstanceUID" in ds:
-                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            else:
-                meta.MediaStorageSOPInstanceUID = _new_uid(meta.MediaStorageSOPInstanceUID)
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = "cxr: PS3.15 basic profile subset, private tags removed"
-        out = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds.save_as(out)
-    except ImageError:
-        raise
-    except Exception as exc:
-        raise CorruptImageError(
-            f"The DICOM file cannot be de-identified ({exc.__class__.__name__}: {exc}); it "
-            "is damaged. Export it again, or convert it to PNG."
-        ) from exc
-    return out.getvalue()
+    return clean_for_storage(raw)
 
 
 def find_dicom_identifiers(data: bytes) -> list[str]:
-    """Keywords of identifying attributes that still hold a value (empty list when clean).
+    """What a DICOM file holds beyond the storage allow-list (empty list when clean): any
+    attribute outside it, private tags, file-meta extras and a non-zero preamble."""
+    from training.deidentify import find_identifying_content
 
-    Covers the blanked and removed keyword lists, person names and private tags, anywhere in
-    the data set; used by tests and as a safety check before storing a DICOM file.
-    """
-    raw = _read_bytes(data)
-    ds = _read_dicom(raw, stop_before_pixels=True)
-    found: list[str] = []
-    watched = set(BLANKED_DICOM_KEYWORDS) | set(REMOVED_DICOM_KEYWORDS)
-
-    def check(item: Any) -> None:
-        for elem in item:
-            name = elem.keyword or str(elem.tag)
-            has_value = elem.value not in (None, "", b"") and not (
-                elem.VR == "SQ" and len(elem.value) == 0
-            )
-            if not has_value:
-                continue
-            if elem.tag.is_private or name in watched or elem.VR == "PN":
-                found.append(name)
-
-    _visit(ds, check)
-    return sorted(set(found))
+    return find_identifying_content(_read_bytes(data))
