@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 #: The secret used when none is configured. Fine for a laptop, refused in production: API key
 #: hashes are HMACs keyed with it, so a known secret would make a stolen database brute-forceable.
 DEFAULT_SECRET_KEY = "cxr-development-secret-change-me"
+#: Production secrets shorter than this are refused: API key hashes are HMACs keyed with it.
+MIN_PRODUCTION_SECRET_LENGTH = 32
 
 Role = Literal["reader", "clinician", "admin"]
 ROLES: tuple[Role, ...] = ("reader", "clinician", "admin")
@@ -56,6 +58,27 @@ class Settings(BaseSettings):
     )
     max_files_per_request: int = Field(default=64, ge=1)
     max_pixels: int = Field(default=50_000_000, ge=1, description="Decoded width x height limit.")
+    max_decode_mb: float = Field(
+        default=320.0,
+        gt=0,
+        description="Memory one image decode may take (MB): estimated from the header (size, "
+        "bit depth, channels, format) and refused with 413 before decoding when over.",
+    )
+    min_image_side: int = Field(
+        default=32, ge=1, description="Shorter side below this: 422 (no diagnosis on a thumbnail)."
+    )
+    max_aspect_ratio: float = Field(
+        default=4.0, ge=1.0, description="Longer/shorter side above this: 422 (not a radiograph)."
+    )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a request body may take to arrive; a stalled upload gets 408.",
+    )
+    ood_check: bool = Field(
+        default=True,
+        description="Flag images that do not look like a chest radiograph as unknown.",
+    )
     store_prediction_images: bool = Field(
         default=False, description="Keep uploaded prediction images (audit). Off: no PHI at rest."
     )
@@ -137,10 +160,11 @@ class Settings(BaseSettings):
     def check_production(self) -> None:
         """Refuse insecure production configurations with a message saying what to set."""
         secret = self.secret_key.get_secret_value().strip()
-        if not secret or secret == DEFAULT_SECRET_KEY:
+        if len(secret) < MIN_PRODUCTION_SECRET_LENGTH or secret == DEFAULT_SECRET_KEY:
             raise InsecureSettingsError(
-                "CXR_ENVIRONMENT=production refuses to start with a default or empty secret: "
-                "set CXR_SECRET_KEY to a long random value (e.g. `python -c 'import secrets; "
+                "CXR_ENVIRONMENT=production refuses to start with a default, empty or short "
+                f"secret (under {MIN_PRODUCTION_SECRET_LENGTH} characters): set CXR_SECRET_KEY "
+                "to a long random value (e.g. `python -c 'import secrets; "
                 "print(secrets.token_urlsafe(48))'`). Existing API keys are bound to the secret."
             )
 
@@ -157,6 +181,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_decode_bytes(self) -> int:
+        return int(self.max_decode_mb * 1024 * 1024)
 
     @property
     def max_request_bytes(self) -> int:

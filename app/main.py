@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +30,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth import check_role, key_from_headers, resolve_key
 from app.config import Settings, get_settings
 from app.db.migrate import upgrade_to_head
 from app.db.session import create_db_engine, create_sessionmaker
@@ -37,6 +40,8 @@ from app.routes import classes, health, references
 from app.services.references import InvalidLabelError
 from training.imaging import (
     CorruptImageError,
+    DegenerateImageError,
+    DeidentificationError,
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
@@ -60,16 +65,33 @@ class RequestTooLargeError(StarletteHTTPException):
         )
 
 
+class RequestTimeoutError(StarletteHTTPException):
+    """Raised from `receive` when the body has not arrived in time (an HTTPException for the
+    same reason as `RequestTooLargeError`)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            status_code=408,
+            detail=f"The request body did not arrive within {timeout_s:g} seconds "
+            "(CXR_BODY_TIMEOUT_S); check the connection and send the request again.",
+        )
+
+
 class BodyLimitMiddleware:
-    """Refuse request bodies over `limit` bytes while streaming, before they are spooled.
+    """Refuse request bodies over `limit` bytes while streaming, before they are spooled, and
+    bodies that do not arrive within `timeout_s` seconds (a stalled upload held its connection
+    and its worker forever).
 
     A declared Content-Length over the limit is answered 413 at once; a chunked or lying body is
-    cut off the moment the running total passes the limit.
+    cut off the moment the running total passes the limit. The deadline covers the whole body
+    from its first read (408), so a client trickling one byte at a time cannot hold a
+    connection either.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,12 +108,26 @@ class BodyLimitMiddleware:
                     return
         received = 0
         started = False
+        body_done = False
+        deadline: float | None = None
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done, deadline
+            if body_done or self.timeout_s is None:
+                # After the body, `receive` only waits for a disconnect: no deadline there.
+                message = await receive()
+            else:
+                if deadline is None:
+                    deadline = anyio.current_time() + self.timeout_s
+                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as waited:
+                    message = await receive()
+                if waited.cancelled_caught:
+                    logger.warning("request body timed out", extra={"received": received})
+                    raise RequestTimeoutError(self.timeout_s)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body_done = True
                 if received > self.limit:
                     raise RequestTooLargeError(self.limit)
             return message
@@ -104,10 +140,85 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except RequestTooLargeError as exc:
+        except (RequestTooLargeError, RequestTimeoutError) as exc:
             if started:
                 raise
-            await _send_json(send, 413, str(exc.detail))
+            await _send_json(send, exc.status_code, str(exc.detail))
+
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _required_role(route: Any) -> str | None:
+    """The role a route's dependencies require (`app.auth.require_role`), or None."""
+    stack = [getattr(route, "dependant", None)]
+    while stack:
+        dependant = stack.pop()
+        if dependant is None:
+            continue
+        role = getattr(dependant.call, "required_role", None)
+        if role is not None:
+            return str(role)
+        stack.extend(dependant.dependencies)
+    return None
+
+
+class AuthBeforeBodyMiddleware:
+    """Authenticate (401) and authorise (403) a request with a body *before* reading it.
+
+    FastAPI parses the body (and spools a multipart upload to disk) before it resolves
+    dependencies, so without this a request with no key made the server read and spool 150 MB
+    before answering 401. For POST/PUT/PATCH to a route that needs a role, the key is checked
+    here from the headers alone (in a worker thread: it queries the database) and the row is
+    handed to `get_current_key` through `request.state`, so a request is looked up once.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._roles: dict[int, str | None] = {}
+
+    def _role_for(self, scope: Scope) -> str | None:
+        from starlette.routing import Match
+
+        router = getattr(scope.get("app"), "router", None)
+        for route in getattr(router, "routes", ()):
+            match, _child = route.matches(scope)
+            if match is Match.FULL:
+                key = id(route)
+                if key not in self._roles:
+                    self._roles[key] = _required_role(route)
+                return self._roles[key]
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        role = self._role_for(scope)
+        if role is None:
+            await self.app(scope, receive, send)
+            return
+        fastapi_app = scope["app"]
+        key = key_from_headers(scope.get("headers", []))
+
+        def check() -> Any:
+            with fastapi_app.state.sessionmaker() as session:
+                row = resolve_key(session=session, key=key, settings=fastapi_app.state.settings)
+            check_role(row, role)
+            return row
+
+        try:
+            row = check() if not key else await anyio.to_thread.run_sync(check)
+        except StarletteHTTPException as exc:
+            response = JSONResponse(
+                status_code=exc.status_code,
+                content={"detail": exc.detail},
+                headers=getattr(exc, "headers", None),
+            )
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})["preauthenticated_key"] = row
+        await self.app(scope, receive, send)
 
 
 async def _send_json(send: Send, status: int, detail: str) -> None:
@@ -117,9 +228,12 @@ async def _send_json(send: Send, status: int, detail: str) -> None:
 
 
 def image_error_status(exc: ImageError) -> int:
-    """HTTP status for an image error: 413 too large, 415 unsupported, 400 otherwise."""
+    """HTTP status for an image error: 413 too large, 415 unsupported, 422 readable but not
+    acceptable (degenerate, or cannot be de-identified), 400 otherwise."""
     if isinstance(exc, ImageTooLargeError):
         return 413
+    if isinstance(exc, DegenerateImageError | DeidentificationError):
+        return 422
     if isinstance(exc, UnsupportedImageError):
         return 415
     if isinstance(exc, CorruptImageError):
@@ -127,13 +241,29 @@ def image_error_status(exc: ImageError) -> int:
     return 400
 
 
+#: Longest error detail sent back: a detail may quote the request (an unknown name), and a
+#: 5 MB field must not come back as a 5 MB error body.
+MAX_DETAIL_CHARS = 1000
+
+
+def bounded(detail: Any, limit: int = MAX_DETAIL_CHARS) -> Any:
+    """`detail` cut to `limit` characters (non-strings unchanged), saying how much was cut."""
+    if not isinstance(detail, str) or len(detail) <= limit:
+        return detail
+    return f"{detail[:limit]}... ({len(detail) - limit} more characters omitted)"
+
+
 def _validation_detail(errors: list[Any]) -> str:
     parts = []
     for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        loc = [
+            bounded(str(p), 64)
+            for p in err.get("loc", ())
+            if p not in ("body", "query", "path", "header")
+        ]
         where = ".".join(loc) or "request"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+        parts.append(f"{where}: {bounded(str(err.get('msg', 'invalid')), 200)}")
+    return bounded("; ".join(parts[:20]) or "invalid request")
 
 
 def install_exception_handlers(app: FastAPI) -> None:
@@ -143,7 +273,7 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(
             status_code=exc.status_code,
-            content={"detail": exc.detail},
+            content={"detail": bounded(exc.detail)},
             headers=getattr(exc, "headers", None),
         )
 
@@ -155,18 +285,27 @@ def install_exception_handlers(app: FastAPI) -> None:
             content={
                 "detail": _validation_detail(list(errors)),
                 "errors": jsonable_encoder(
-                    [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in errors]
+                    [
+                        {
+                            "loc": [bounded(str(p), 64) for p in e.get("loc", ())],
+                            "msg": bounded(str(e.get("msg", "")), 200),
+                            "type": e.get("type"),
+                        }
+                        for e in list(errors)[:20]
+                    ]
                 ),
             },
         )
 
     @app.exception_handler(ImageError)
     async def image_error(_request: Request, exc: ImageError) -> JSONResponse:
-        return JSONResponse(status_code=image_error_status(exc), content={"detail": str(exc)})
+        return JSONResponse(
+            status_code=image_error_status(exc), content={"detail": bounded(str(exc))}
+        )
 
     @app.exception_handler(InvalidLabelError)
     async def label_error(_request: Request, exc: InvalidLabelError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
+        return JSONResponse(status_code=422, content={"detail": bounded(str(exc))})
 
     @app.exception_handler(DataError)
     async def invalid_data(_request: Request, exc: DataError) -> JSONResponse:
@@ -281,8 +420,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.service = None
     install_exception_handlers(app)
-    # Outermost first: request id + metrics see everything, including 413s from the limiter.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    # Added innermost first: request id + metrics see everything (413/408 from the body
+    # limiter, 401/403 answered before the body is read).
+    app.add_middleware(AuthBeforeBodyMiddleware)
+    app.add_middleware(
+        BodyLimitMiddleware, limit=settings.max_request_bytes, timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(RequestIdMiddleware, observer=app.state.metrics.observe_request)
     app.include_router(health.router)
     app.include_router(references.router)

@@ -73,6 +73,18 @@ def ready(request: Request) -> Response:
     )
 
 
+# HEAD for load balancers and uptime probes (it was 405); not in the schema (one operation
+# per path is enough for clients), same status as GET, no body.
+@router.head("/health", include_in_schema=False)
+def health_head() -> Response:
+    return Response(status_code=200)
+
+
+@router.head("/ready", include_in_schema=False)
+def ready_head(request: Request) -> Response:
+    return Response(status_code=ready(request).status_code)
+
+
 @router.get(
     "/metrics",
     summary="Prometheus metrics (text exposition format)",

@@ -34,16 +34,18 @@ from app.db import Prediction, new_id, utcnow
 from app.files import atomic_write_bytes
 from app.gradcam import overlay_png
 from app.schemas_predict import GradcamPublic, NeighborPublic, PredictionPublic
+from app.services.uploads import decode_upload
 from app.state import NO_MODEL_REASON, NO_REFERENCES_REASON, ModelBundle, ServiceState
 from index.reference_index import METHODS, IndexResult
+from training.deidentify import clean_for_storage
 from training.imaging import (
     CorruptImageError,
     ImageError,
     ImageFormat,
     decode_image,
-    deidentify_dicom,
     sniff_format,
 )
+from training.ood import is_out_of_distribution
 from training.preprocess import preprocess
 
 logger = logging.getLogger(__name__)
@@ -84,8 +86,15 @@ def require_bundle(service: ServiceState, session: Session) -> ModelBundle:
     return bundle
 
 
-def prepare_query(data: bytes, bundle: ModelBundle, *, max_pixels: int | None) -> PreparedQuery:
-    """Decode (with the pixel limit) and preprocess exactly as in training.
+def prepare_query(
+    data: bytes,
+    bundle: ModelBundle,
+    *,
+    max_pixels: int | None,
+    settings: Settings | None = None,
+) -> PreparedQuery:
+    """Decode (with the pixel limit; with `settings`, every upload limit of
+    `app.services.uploads.decode_upload`) and preprocess exactly as in training.
 
     Raises the `training.imaging` errors: CorruptImageError (400), UnsupportedImageError (415),
     ImageTooLargeError (413).
@@ -95,7 +104,10 @@ def prepare_query(data: bytes, bundle: ModelBundle, *, max_pixels: int | None) -
             "The uploaded file is empty; send a PNG, JPEG or DICOM image as multipart 'file'."
         )
     try:
-        image = decode_image(data, max_pixels=max_pixels)
+        if settings is not None:
+            image = decode_upload(data, settings=settings)
+        else:
+            image = decode_image(data, max_pixels=max_pixels)
     except ImageError:
         raise
     except Exception as exc:  # a decoder bug must still be a 400 for the caller, not a 500
@@ -141,11 +153,10 @@ def explain_query(
 
 
 def _store_upload(data: bytes, prediction_id: str, settings: Settings) -> str:
-    """Write the upload (DICOM de-identified first) under `predictions/`; path relative to
-    data_dir. Atomic (`app.files`), so a crash never leaves a partial image under a real name."""
+    """Write the upload, cleaned (`clean_for_storage`: pixels only), under `predictions/`; path
+    relative to data_dir. Atomic (`app.files`): a crash never leaves a partial image."""
     fmt = sniff_format(data)
-    if fmt is ImageFormat.DICOM:
-        data = deidentify_dicom(data)
+    data = clean_for_storage(data)
     ext = _EXTENSIONS.get(fmt, "bin") if fmt is not None else "bin"
     rel = Path("predictions") / prediction_id[:2] / f"{prediction_id}.{ext}"
     atomic_write_bytes(settings.data_dir / rel, data)
@@ -183,7 +194,7 @@ def predict(
         raise ValueError(f"k must be between 1 and {MAX_K}; got {k}")
     started = time.perf_counter()
     bundle = require_bundle(service, session)
-    query = prepare_query(data, bundle, max_pixels=settings.max_pixels)
+    query = prepare_query(data, bundle, max_pixels=settings.max_pixels, settings=settings)
     gradcam = None
     if explain:
         result, overlay = explain_query(query, bundle, k=k, method=method)
@@ -197,7 +208,9 @@ def predict(
     answer = PredictionPublic(
         id=prediction_id,
         label=result.label,
-        unknown=bool(result.unknown),
+        # Far from every class, or not a chest radiograph at all (training/ood.py).
+        unknown=bool(result.unknown)
+        or (settings.ood_check and is_out_of_distribution(query.image)),
         confidence=float(np.clip(result.confidence, 0.0, 1.0)),
         distances={label: float(d) for label, d in result.distances.items()},
         neighbors=[

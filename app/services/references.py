@@ -1,10 +1,12 @@
 """Reference images: enrollment (upload and bulk import), listing, deletion, classes.
 
 Ingest order matters for privacy and safety: the bytes are checked against the size limit,
-decoded once with the pixel limit (refusing bombs from the header, corrupt and unsupported files),
-DICOM is de-identified, and only then hashed and written. The stored file, its sha256 and its
-database row therefore never contain patient identifiers, and logs only ever carry the sha256
-prefix, never file names (which often hold patient names in hospital exports).
+decoded once under the upload limits (`app.services.uploads.decode_upload`: size and shape from
+the header, a decode slot, the pixel and memory budgets), cleaned (`clean_for_storage`: DICOM
+rebuilt from an allow-list, PNG/JPEG reduced to their pixels), and only then hashed and written.
+The stored file, its sha256 and its database row therefore never contain patient identifiers,
+and logs only ever carry the sha256 prefix, never file names (which often hold patient names in
+hospital exports).
 
 Images are content-addressed: `references/<sha[:2]>/<sha>.<ext>` under `data_dir`, written to a
 temp file and renamed, so a crash never leaves a half-written image under a valid name and the
@@ -32,14 +34,12 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import Reference, bump_index_version, new_id, utcnow
 from app.files import atomic_write_bytes
+from app.services.uploads import decode_upload
+from training.deidentify import clean_for_storage
 from training.imaging import (
     CorruptImageError,
     ImageError,
     ImageFormat,
-    ImageTooLargeError,
-    decode_image,
-    deidentify_dicom,
-    find_dicom_identifiers,
     sniff_format,
 )
 
@@ -113,26 +113,16 @@ def validate_label(label: str | None) -> str:
 
 
 def prepare_image(data: bytes, *, settings: Settings) -> PreparedImage:
-    """Validate and de-identify one upload. Raises the `training.imaging` errors (400/413/415)."""
-    if len(data) > settings.max_upload_bytes:
-        raise ImageTooLargeError(
-            f"The file is {len(data)} bytes, over the limit of {settings.max_upload_bytes} "
-            f"bytes (CXR_MAX_UPLOAD_MB={settings.max_upload_mb:g}); compress or downscale it."
-        )
-    pixels = decode_image(data, max_pixels=settings.max_pixels)
+    """Validate and clean one upload (`decode_upload`'s limits, then `clean_for_storage`: DICOM
+    rebuilt from an allow-list, PNG/JPEG pixels only). Raises the `training.imaging` errors
+    (400/413/415, 422 for a degenerate image or one that cannot be cleaned)."""
+    pixels = decode_upload(data, settings=settings)
     height, width = int(pixels.shape[0]), int(pixels.shape[1])
     del pixels
     fmt = sniff_format(data)
     if fmt is None:  # decode_image accepted it, so this cannot happen; keep mypy and us honest
         raise CorruptImageError("The image format could not be identified.")
-    if fmt is ImageFormat.DICOM:
-        data = deidentify_dicom(data)
-        remaining = find_dicom_identifiers(data)
-        if remaining:  # never store what we could not clean
-            raise ImageError(
-                "The DICOM file still holds identifying attributes after de-identification "
-                f"({', '.join(remaining)}); remove them or convert the image to PNG."
-            )
+    data = clean_for_storage(data)
     return PreparedImage(
         data=data,
         sha256=hashlib.sha256(data).hexdigest(),
