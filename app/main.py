@@ -33,8 +33,9 @@ from app.db.migrate import upgrade_to_head
 from app.db.session import create_db_engine, create_sessionmaker
 from app.logging import RequestIdMiddleware, configure_logging, get_request_id
 from app.metrics import Metrics
-from app.routes import classes, health, references
+from app.routes import audit, classes, health, references
 from app.services.references import InvalidLabelError
+from app.web import router as web_router
 from training.imaging import (
     CorruptImageError,
     ImageError,
@@ -287,6 +288,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(references.router)
     app.include_router(classes.router)
+    app.include_router(audit.router)
+    app.include_router(web_router)
     for module_name in OPTIONAL_ROUTERS:
         try:
             module = importlib.import_module(module_name)

@@ -54,6 +54,7 @@ SPEC_ROUTES = [
     Call("GET", "/health", "/health", None),
     Call("GET", "/ready", "/ready", None),
     Call("GET", "/metrics", "/metrics", None),
+    Call("GET", "/", "/", None),
     Call("POST", "/predict", "/predict?explain=false", "reader", _upload()),
     Call("POST", "/references", "/references", "clinician", _upload(label=True)),
     Call("GET", "/references", "/references", "reader"),
@@ -69,6 +70,7 @@ SPEC_ROUTES = [
         "/admin/models/no-such-version/activate",
         "admin",
     ),
+    Call("GET", "/predictions", "/predictions", "admin"),  # audit log (web page), beyond the spec
 ]
 PROTECTED = [c for c in SPEC_ROUTES if c.role is not None]
 PUBLIC = [c for c in SPEC_ROUTES if c.role is None]
