@@ -35,6 +35,7 @@ from app.logging import RequestIdMiddleware, configure_logging, get_request_id
 from app.metrics import Metrics
 from app.routes import audit, classes, health, references
 from app.services.references import InvalidLabelError
+from app.services.thumbnails import ThumbnailCache
 from app.web import router as web_router
 from training.imaging import (
     CorruptImageError,
@@ -281,6 +282,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.service = None
+    app.state.thumbnail_cache = ThumbnailCache()
     install_exception_handlers(app)
     # Outermost first: request id + metrics see everything, including 413s from the limiter.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)

@@ -59,6 +59,7 @@ SPEC_ROUTES = [
     Call("POST", "/references", "/references", "clinician", _upload(label=True)),
     Call("GET", "/references", "/references", "reader"),
     Call("DELETE", "/references/{reference_id}", "/references/unknown-id", "admin"),
+    Call("GET", "/references/{reference_id}/image", "/references/unknown-id/image", "reader"),
     Call("GET", "/classes", "/classes", "reader"),
     # an invalid body: allowed callers get 422, and no training job is started
     Call("POST", "/admin/retrain", "/admin/retrain", "admin", {"json": {"epochs": "many"}}),
