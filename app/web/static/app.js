@@ -121,12 +121,21 @@
       if (err.status !== 401) sessionStorage.removeItem(KEY_SLOT);
       return;
     }
+    // Admin-only controls (delete a reference) are shown to admins; a 403 here is expected.
+    let admin = false;
+    try {
+      await api("GET", "/models");
+      admin = true;
+    } catch (_err) {
+      admin = false;
+    }
+    document.body.dataset.role = admin ? "admin" : "member";
     showError("login-error", "");
     $("login").hidden = true;
     $("app").hidden = false;
     $("tabs").hidden = false;
     $("logout").hidden = false;
-    $("who").textContent = `signed in (key ${key.slice(0, 10)}…)`;
+    $("who").textContent = `signed in${admin ? " as admin" : ""} (key ${key.slice(0, 10)}…)`;
     go(location.hash.replace("#", "") || "diagnose");
   }
 
@@ -274,7 +283,7 @@
     const grid = $("browse");
     if (offset === 0) grid.replaceChildren();
     for (const ref of page.data) {
-      const remove = el("button", { type: "button", className: "danger", text: "Delete" });
+      const remove = el("button", { type: "button", className: "danger admin-only", text: "Delete" });
       const item = el("li", { className: "reference" },
         thumbnail(ref.id, `Reference ${ref.label}`),
         el("span", { className: "thumb-label", text: `${ref.width}×${ref.height} ${ref.source_format}` }),
@@ -333,13 +342,20 @@
   }
 
   // ---- Models and jobs ---------------------------------------------------------------------
+  // k-NN balanced accuracy and where it was measured: a checkpoint trained by `cxr train`
+  // carries its test and validation summaries, a retrained version its job's validation score.
   function balancedAccuracy(metrics) {
-    if (!metrics) return undefined;
-    const candidates = [metrics.balanced_accuracy, metrics.val_balanced_accuracy,
-      metrics.knn && metrics.knn.balanced_accuracy,
-      metrics.val && metrics.val.knn && metrics.val.knn.balanced_accuracy,
-      metrics.test && metrics.test.knn && metrics.test.knn.balanced_accuracy];
-    return candidates.find((x) => typeof x === "number");
+    if (!metrics) return "–";
+    const num = (x) => (typeof x === "number" ? x : undefined);
+    const candidates = [
+      [num(metrics.test && metrics.test.balanced_accuracy), "test"],
+      [num(metrics.knn_balanced_accuracy), "validation"],
+      [num(metrics.validation && metrics.validation.new), "validation"],
+      [num(metrics.val && metrics.val.balanced_accuracy), "validation"],
+      [num(metrics.knn && metrics.knn.balanced_accuracy), ""],
+    ];
+    const found = candidates.find(([value]) => value !== undefined);
+    return found ? `${fmt(found[0])} ${found[1]}`.trim() : "–";
   }
 
   async function loadModelsPage() {
@@ -367,7 +383,7 @@
         el("td", {}, el("code", { text: m.version })),
         el("td", { text: new Date(m.created_at).toLocaleString() }),
         el("td", { text: `${m.encoder_name} (${m.embedding_dim})` }),
-        el("td", { text: fmt(balancedAccuracy(m.metrics)) }),
+        el("td", { text: balancedAccuracy(m.metrics) }),
         el("td", { text: m.active ? "active" : "candidate" }),
         action);
       row.setAttribute("data-version", m.version);
@@ -440,7 +456,8 @@
       if (job.status === "succeeded" || job.status === "failed") {
         $("job-detail").textContent = job.status === "failed"
           ? `failed: ${job.error || "no reason given"}`
-          : `new model ${job.model_version || "(none)"}; balanced accuracy ${fmt(balancedAccuracy(job.metrics))}`;
+          : `new model ${job.model_version || "(none)"}; balanced accuracy ${balancedAccuracy(job.metrics)}`
+            + (job.metrics && job.metrics.decision ? `; ${job.metrics.decision}` : "");
         await loadModels();
         return;
       }
@@ -458,6 +475,7 @@
     });
     $("logout").addEventListener("click", () => {
       sessionStorage.removeItem(KEY_SLOT);
+      delete document.body.dataset.role;
       for (const pending of thumbCache.values()) pending.then((url) => URL.revokeObjectURL(url), () => {});
       thumbCache.clear();
       showSignedOut("");
