@@ -86,6 +86,103 @@ def serve_command(
     )
 
 
+# -- quickstart -----------------------------------------------------------------------------
+
+
+def quickstart_command(
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            "--data", help="A source (image folder, CSV manifest, CoronaHack, COVID collection)."
+        ),
+    ],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Use this checkpoint instead of training the recipe.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port to serve on.")] = 8000,
+    serve: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Serve when ready (default) or stop there.")
+    ] = True,
+    encoder: Annotated[str | None, typer.Option(help="Recipe override: encoder.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Recipe override: epochs.")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(min=16, help="Recipe override: image size.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=2, help="Recipe override: batch size.")
+    ] = None,
+) -> None:
+    """From nothing to a serving deployment: train the recipe (or take --checkpoint), register
+    and activate it, enroll the train split, print an admin key once, serve and print the page's
+    URL. Rerun the same command to resume after an interruption."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeElapsedColumn
+
+    from app.quickstart import STAGES, QuickstartError, run_quickstart
+
+    settings = cli_settings()
+    overrides = {
+        name: value
+        for name, value in (
+            ("encoder", encoder),
+            ("epochs", epochs),
+            ("image_size", image_size),
+            ("batch_size", batch_size),
+        )
+        if value is not None
+    }
+    titles = {
+        "train": "1/4 train" if checkpoint is None else "1/4 checkpoint",
+        "register": "2/4 register + activate",
+        "enroll": "3/4 enroll train split",
+        "admin_key": "4/4 admin key",
+    }
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as bars:
+        tasks = {stage: bars.add_task(titles[stage], total=None, start=False) for stage in STAGES}
+
+        def report(stage: str, done: float, total: float | None) -> None:
+            bars.start_task(tasks[stage])
+            bars.update(tasks[stage], completed=done, total=total)
+
+        try:
+            result = run_quickstart(
+                settings=settings,
+                sources=data,
+                checkpoint=checkpoint,
+                train_overrides=overrides,
+                progress=report,
+            )
+        except (QuickstartError, ValueError, FileNotFoundError) as exc:
+            bars.stop()
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from exc
+    if result.skipped_stages:
+        typer.echo(f"resumed: already done: {', '.join(result.skipped_stages)}", err=True)
+    refs = result.references
+    typer.echo(
+        f"model {result.model_version} active; references: {refs.get('enrolled', 0)} enrolled, "
+        f"{refs.get('duplicates', 0)} duplicates, {refs.get('skipped', 0)} skipped",
+        err=True,
+    )
+    if result.admin_key is not None:
+        typer.echo(f"admin key (printed once, keep it): {result.admin_key}")
+    else:
+        typer.echo(
+            f"admin key: created by an earlier run (id {result.admin_key_id}, printed then); "
+            "make another with `cxr keys create --role admin`"
+        )
+    typer.echo(f"page: http://{host}:{port}/")
+    if serve:
+        serve_command(host=host, port=port, workers=1)
+
+
 # -- keys -----------------------------------------------------------------------------------
 
 keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
@@ -221,6 +318,7 @@ def _optional(module: str, *names: str) -> tuple[Any, ...] | None:
 def register(cli: typer.Typer, bench: typer.Typer) -> None:
     """Attach the service commands to the `cxr` app and its `bench` group."""
     cli.command("serve")(serve_command)
+    cli.command("quickstart")(quickstart_command)
     cli.add_typer(keys_app, name="keys")
     cli.add_typer(references_app, name="references")
     model_commands = _optional(

@@ -36,8 +36,10 @@ from app.db.migrate import upgrade_to_head
 from app.db.session import create_db_engine, create_sessionmaker
 from app.logging import RequestIdMiddleware, configure_logging, get_request_id
 from app.metrics import Metrics
-from app.routes import classes, health, references
+from app.routes import audit, classes, health, references
 from app.services.references import InvalidLabelError
+from app.services.thumbnails import ThumbnailCache
+from app.web import router as web_router
 from training.imaging import (
     CorruptImageError,
     DegenerateImageError,
@@ -419,6 +421,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.service = None
+    app.state.thumbnail_cache = ThumbnailCache()
     install_exception_handlers(app)
     # Added innermost first: request id + metrics see everything (413/408 from the body
     # limiter, 401/403 answered before the body is read).
@@ -430,6 +433,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(references.router)
     app.include_router(classes.router)
+    app.include_router(audit.router)
+    app.include_router(web_router)
     for module_name in OPTIONAL_ROUTERS:
         try:
             module = importlib.import_module(module_name)

@@ -27,6 +27,14 @@ from app.services.references import (
     enroll_references,
     list_references,
 )
+from app.services.thumbnails import (
+    DEFAULT_SIZE,
+    MAX_SIZE,
+    MIN_SIZE,
+    ReferenceImageMissingError,
+    ThumbnailCache,
+    reference_thumbnail,
+)
 from training.imaging import ImageTooLargeError
 
 logger = logging.getLogger(__name__)
@@ -163,3 +171,38 @@ def remove_reference(
         ) from exc
     notify_references_changed(request, session)
     return Response(status_code=204)
+
+
+@router.get(
+    "/{reference_id}/image",
+    response_class=Response,
+    responses={
+        **AUTH_ERRORS,
+        200: {"content": {"image/png": {}}, "description": "8-bit grayscale PNG, pixels only"},
+        404: {"model": ErrorPublic, "description": "Unknown reference, or its file is missing"},
+        422: {"model": ErrorPublic, "description": "size out of range"},
+    },
+    summary="A de-identified thumbnail of a reference (pixels only, longer side <= size)",
+)
+def read_reference_image(
+    request: Request,
+    reference_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    _key: ReaderKey,
+    size: Annotated[
+        int, Query(ge=MIN_SIZE, le=MAX_SIZE, description="longer side in pixels (never enlarged)")
+    ] = DEFAULT_SIZE,
+) -> Response:
+    cache: ThumbnailCache | None = getattr(request.app.state, "thumbnail_cache", None)
+    try:
+        thumb = reference_thumbnail(
+            session=session, reference_id=reference_id, size=size, settings=settings, cache=cache
+        )
+    except (ReferenceNotFoundError, ReferenceImageMissingError) as exc:
+        raise HTTPException(status_code=404, detail=str(exc.args[0])) from exc
+    # Content-addressed, so the browser may keep it; `private`: only the caller's cache.
+    headers = {"ETag": thumb.etag, "Cache-Control": "private, max-age=86400, immutable"}
+    if request.headers.get("if-none-match") == thumb.etag:
+        return Response(status_code=304, headers=headers)
+    return Response(content=thumb.png, media_type="image/png", headers=headers)

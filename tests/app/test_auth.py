@@ -54,10 +54,12 @@ SPEC_ROUTES = [
     Call("GET", "/health", "/health", None),
     Call("GET", "/ready", "/ready", None),
     Call("GET", "/metrics", "/metrics", None),
+    Call("GET", "/", "/", None),
     Call("POST", "/predict", "/predict?explain=false", "reader", _upload()),
     Call("POST", "/references", "/references", "clinician", _upload(label=True)),
     Call("GET", "/references", "/references", "reader"),
     Call("DELETE", "/references/{reference_id}", "/references/unknown-id", "admin"),
+    Call("GET", "/references/{reference_id}/image", "/references/unknown-id/image", "reader"),
     Call("GET", "/classes", "/classes", "reader"),
     # an invalid body: allowed callers get 422, and no training job is started
     Call("POST", "/admin/retrain", "/admin/retrain", "admin", {"json": {"epochs": "many"}}),
@@ -69,6 +71,7 @@ SPEC_ROUTES = [
         "/admin/models/no-such-version/activate",
         "admin",
     ),
+    Call("GET", "/predictions", "/predictions", "admin"),  # audit log (web page), beyond the spec
 ]
 PROTECTED = [c for c in SPEC_ROUTES if c.role is not None]
 PUBLIC = [c for c in SPEC_ROUTES if c.role is None]
