@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from app.commands import register as register_service_commands
+from app.dicom.cli import bench_dicom_command, dicom_app
 from index.bench import bench_index_command
 from training.cli import bench_train_command, evaluate_command, train_command
 
@@ -25,6 +26,8 @@ cli.command("train")(train_command)
 cli.command("evaluate")(evaluate_command)
 bench.command("train")(bench_train_command)
 bench.command("index")(bench_index_command)
+cli.add_typer(dicom_app, name="dicom")
+bench.command("dicom")(bench_dicom_command)
 
 # Service commands (serve, worker, keys, models, references, bench predict).
 register_service_commands(cli, bench)
