@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from app.commands import cli_settings
+from app.dicom.bench import bench_dicom_command
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["bench_dicom_command", "dicom_app", "listen_command"]
 
 dicom_app = typer.Typer(help="DICOM integration: receive from a PACS, send SRs back.")
 
@@ -79,13 +81,3 @@ def listen_command(
         if callable(close):
             close()
         sessions.kw["bind"].dispose()
-
-
-def bench_dicom_command(
-    out: Annotated[Path | None, typer.Option(help="Write the JSON rows here.")] = None,
-) -> None:
-    """Instances per minute from C-STORE in to SR stored in Orthanc, and the latency added
-    over /predict for the same images (see docs/BENCHMARKS.md)."""
-    from app.dicom.bench import bench_dicom_main
-
-    bench_dicom_main(out=out)
