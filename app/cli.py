@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from app.commands import register as register_service_commands
+from app.dicom.cli import bench_dicom_command, dicom_app
 from index.bench import bench_index_command
 from training.cli import (
     bench_adapt_command,
@@ -31,6 +32,8 @@ cli.command("evaluate")(evaluate_command)
 bench.command("train")(bench_train_command)
 bench.command("adapt")(bench_adapt_command)
 bench.command("index")(bench_index_command)
+cli.add_typer(dicom_app, name="dicom")
+bench.command("dicom")(bench_dicom_command)
 
 # Service commands (serve, worker, keys, models, references, bench predict).
 register_service_commands(cli, bench)

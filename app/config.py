@@ -128,6 +128,50 @@ class Settings(BaseSettings):
         default=6 * 3600.0, gt=0, description="Redis redelivers an unacked message after this."
     )
 
+    # -- DICOM (read by `app.dicom`) -------------------------------------------------------------
+    dicom_destination: str | None = Field(
+        default=None,
+        description="DICOM node that receives SRs and overlays by C-STORE: AET@host:port.",
+    )
+    dicomweb_url: str | None = Field(
+        default=None,
+        description="DICOMweb base URL that receives SRs and overlays by STOW-RS "
+        "(e.g. http://pacs:8042/dicom-web); used when CXR_DICOM_DESTINATION is unset.",
+    )
+    dicom_ae_title: str = Field(
+        default="CXR", min_length=1, max_length=16, description="Our AE title (listener, SCU)."
+    )
+    dicom_port: int = Field(default=11112, ge=1, le=65535, description="C-STORE SCP port.")
+    dicom_delivery_attempts: int = Field(
+        default=10, ge=1, description="Deliveries tried this often before they end `failed`."
+    )
+    dicom_delivery_backoff_s: float = Field(
+        default=2.0, gt=0, description="First retry delay; doubled after every failure."
+    )
+    dicom_delivery_max_backoff_s: float = Field(
+        default=300.0, gt=0, description="Longest delay between two delivery attempts."
+    )
+    dicom_delivery_poll_s: float = Field(
+        default=1.0, gt=0, description="How often the delivery worker looks for due results."
+    )
+    dicom_timeout_s: float = Field(
+        default=30.0, gt=0, description="Network timeout of one delivery (C-STORE or STOW-RS)."
+    )
+
+    @field_validator("dicom_destination", "dicomweb_url", mode="before")
+    @classmethod
+    def _blank_destination_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("dicom_destination")
+    @classmethod
+    def _check_destination(cls, value: str | None) -> str | None:
+        if value is not None:
+            from app.dicom.destination import parse_dicom_destination
+
+            parse_dicom_destination(value)  # raises ValueError saying what the form is
+        return value
+
     @field_validator("inference_workers", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:

@@ -52,7 +52,12 @@ from training.imaging import (
 logger = logging.getLogger(__name__)
 
 #: Routers of other parts of the service, included when their module exists in this build.
-OPTIONAL_ROUTERS = ("app.routes.predict", "app.routes.models", "app.routes.jobs")
+OPTIONAL_ROUTERS = (
+    "app.routes.predict",
+    "app.routes.models",
+    "app.routes.jobs",
+    "app.routes.dicom",
+)
 
 
 class RequestTooLargeError(StarletteHTTPException):

@@ -206,3 +206,41 @@ class ServiceStateRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     index_version: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DicomInstance(Base):
+    """One received DICOM instance, keyed by a keyed hash of its SOP Instance UID (the UID itself
+    identifies a patient's image, so it is not stored). Makes a second delivery of the same
+    instance answer with the first prediction instead of predicting again."""
+
+    __tablename__ = "dicom_instances"
+
+    uid_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # processing | predicted | skipped
+    prediction_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DicomDelivery(Base):
+    """Outbox of DICOM results (SR, overlay) to send to the configured destination.
+
+    `payload` is the encrypted DICOM file (it carries the patient and study identifiers the PACS
+    needs); it is set to NULL once delivered. `status`: pending | delivered | failed.
+    """
+
+    __tablename__ = "dicom_deliveries"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    prediction_id: Mapped[str] = mapped_column(String(32), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # sr | overlay
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(512))
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_until: Mapped[datetime | None] = mapped_column(default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -72,6 +72,16 @@ SPEC_ROUTES = [
         "admin",
     ),
     Call("GET", "/predictions", "/predictions", "admin"),  # audit log (web page), beyond the spec
+    # not multipart/related: allowed callers get 415, nothing is predicted
+    Call(
+        "POST",
+        "/dicomweb/studies",
+        "/dicomweb/studies",
+        "reader",
+        {"content": b"{}", "headers": {"Content-Type": "application/json"}},
+    ),
+    Call("GET", "/predictions/{prediction_id}/sr", "/predictions/unknown-id/sr", "reader"),
+    Call("GET", "/deliveries", "/deliveries", "admin"),
 ]
 PROTECTED = [c for c in SPEC_ROUTES if c.role is not None]
 PUBLIC = [c for c in SPEC_ROUTES if c.role is None]
@@ -108,7 +118,9 @@ def shared_keys(shared: tuple[FastAPI, TestClient]) -> dict[str, str]:
 
 
 def _send(client: TestClient, call: Call, headers: dict[str, str] | None = None) -> Any:
-    return client.request(call.method, call.url, headers=headers or {}, **call.kwargs)
+    kwargs = dict(call.kwargs)
+    sent = {**kwargs.pop("headers", {}), **(headers or {})}
+    return client.request(call.method, call.url, headers=sent, **kwargs)
 
 
 def _require_route(app: FastAPI, call: Call) -> None:

@@ -3,8 +3,8 @@
 The retrain balances label x source (a site's five enrolled images per class weigh as much as a
 vendor's thousands) and validates per source; this records the source at enrollment.
 
-Revision ID: 0002_reference_source
-Revises: 0001
+Revision ID: 0003_reference_source
+Revises: 0002_dicom_outbox
 Create Date: 2026-12-03
 """
 
@@ -16,8 +16,8 @@ import sqlalchemy as sa
 
 from alembic import op
 
-revision: str = "0002_reference_source"
-down_revision: str | Sequence[str] | None = "0001"
+revision: str = "0003_reference_source"
+down_revision: str | Sequence[str] | None = "0002_dicom_outbox"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
