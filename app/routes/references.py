@@ -9,10 +9,20 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+)
 
 from app.db.session import SessionDep
-from app.deps import AdminKey, ClinicianKey, ReaderKey, SettingsDep
+from app.deps import AdminKey, ClinicianKey, ReaderKey, SettingsDep, single_form_fields
 from app.schemas import (
     ErrorPublic,
     ReferenceEnrolledPublic,
@@ -21,6 +31,7 @@ from app.schemas import (
     ReferencesPublic,
 )
 from app.services.references import (
+    ReferenceConflictError,
     ReferenceNotFoundError,
     delete_reference,
     enroll_references,
@@ -40,7 +51,14 @@ UPLOAD_ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorPublic, "description": "Unreadable or corrupt image"},
     413: {"model": ErrorPublic, "description": "Over the byte or pixel limit"},
     415: {"model": ErrorPublic, "description": "Not PNG, JPEG or DICOM"},
-    422: {"model": ErrorPublic, "description": "Missing or invalid field"},
+    422: {"model": ErrorPublic, "description": "Missing, repeated or invalid field"},
+}
+CONFLICT_ERRORS: dict[int | str, dict[str, object]] = {
+    409: {
+        "model": ErrorPublic,
+        "description": "The image is enrolled under another label, or the label only differs "
+        "from an existing class by case or look-alike characters",
+    },
 }
 CHUNK = 1024 * 1024
 
@@ -78,8 +96,9 @@ def notify_references_changed(request: Request, session: SessionDep) -> None:
     "",
     status_code=201,
     response_model=ReferencesEnrolledPublic,
-    responses={**AUTH_ERRORS, **UPLOAD_ERRORS},
+    responses={**AUTH_ERRORS, **UPLOAD_ERRORS, **CONFLICT_ERRORS},
     summary="Enroll one or more reference images under a class label",
+    dependencies=[Depends(single_form_fields("label"))],
 )
 def create_references(
     request: Request,
@@ -99,9 +118,12 @@ def create_references(
         (upload.filename or "", read_upload(upload, limit=settings.max_upload_bytes))
         for upload in file
     ]
-    enrolled = enroll_references(
-        session=session, files=files, label=label, enrolled_by=key.id, settings=settings
-    )
+    try:
+        enrolled = enroll_references(
+            session=session, files=files, label=label, enrolled_by=key.id, settings=settings
+        )
+    except ReferenceConflictError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc
     if any(not item.duplicate for item in enrolled):
         notify_references_changed(request, session)
     return ReferencesEnrolledPublic(
