@@ -37,6 +37,7 @@ from app.services.references import (
     enroll_references,
     list_references,
 )
+from app.state import ServiceState
 from training.imaging import ImageTooLargeError
 
 logger = logging.getLogger(__name__)
@@ -78,18 +79,10 @@ def read_upload(upload: UploadFile, *, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def notify_references_changed(request: Request, session: SessionDep) -> None:
-    """Let this process's prediction service pick up the change now (others poll
-    `index_version`). Failures are logged, not raised: the change is committed and the next
-    prediction refreshes anyway."""
-    service = getattr(request.app.state, "service", None)
-    hook = getattr(service, "on_references_changed", None)
-    if hook is None:
-        return
-    try:
-        hook(session)
-    except Exception:
-        logger.exception("on_references_changed failed; the next prediction will refresh")
+def _service(request: Request) -> ServiceState | None:
+    """This process's prediction state, told about every change so its next prediction uses
+    it without a rebuild (other processes poll `index_version`)."""
+    return getattr(request.app.state, "service", None)
 
 
 @router.post(
@@ -120,12 +113,15 @@ def create_references(
     ]
     try:
         enrolled = enroll_references(
-            session=session, files=files, label=label, enrolled_by=key.id, settings=settings
+            session=session,
+            files=files,
+            label=label,
+            enrolled_by=key.id,
+            settings=settings,
+            service=_service(request),
         )
     except ReferenceConflictError as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from exc
-    if any(not item.duplicate for item in enrolled):
-        notify_references_changed(request, session)
     return ReferencesEnrolledPublic(
         references=[ReferenceEnrolledPublic.model_validate(item) for item in enrolled]
     )
@@ -163,11 +159,15 @@ def remove_reference(
     _key: AdminKey,
 ) -> Response:
     try:
-        delete_reference(session=session, reference_id=reference_id, settings=settings)
+        delete_reference(
+            session=session,
+            reference_id=reference_id,
+            settings=settings,
+            service=_service(request),
+        )
     except ReferenceNotFoundError as exc:
         raise HTTPException(
             status_code=404,
             detail=f"{exc.args[0]}; list references with GET /references",
         ) from exc
-    notify_references_changed(request, session)
     return Response(status_code=204)

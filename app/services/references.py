@@ -34,9 +34,10 @@ import logging
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -55,6 +56,10 @@ from training.imaging import (
     find_dicom_identifiers,
     sniff_format,
 )
+
+if TYPE_CHECKING:
+    from app.state import LoadedModel, ServiceState
+    from training.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +120,18 @@ class ReferenceConflictError(ValueError):
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """A validated, de-identified image ready to store."""
+    """A validated, de-identified image ready to store.
+
+    `tensor` is the model input `(1, S, S)` made from the same decode when a model was loaded
+    at enrollment (so the image is decoded once and embedded without reading it back).
+    """
 
     data: bytes
     sha256: str
     format: ImageFormat
     width: int
     height: int
+    tensor: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -182,8 +192,14 @@ def validate_label(label: str | None) -> str:
     return value
 
 
-def prepare_image(data: bytes, *, settings: Settings) -> PreparedImage:
-    """Validate and de-identify one upload. Raises the `training.imaging` errors (400/413/415)."""
+def prepare_image(
+    data: bytes, *, settings: Settings, preprocessing: Preprocessing | None = None
+) -> PreparedImage:
+    """Validate and de-identify one upload. Raises the `training.imaging` errors (400/413/415).
+
+    With `preprocessing`, the decoded pixels are also turned into the model input (kept as
+    `tensor`), instead of being decoded again from the stored file to embed them.
+    """
     if len(data) > settings.max_upload_bytes:
         raise ImageTooLargeError(
             f"The file is {len(data)} bytes, over the limit of {settings.max_upload_bytes} "
@@ -191,6 +207,11 @@ def prepare_image(data: bytes, *, settings: Settings) -> PreparedImage:
         )
     pixels = decode_image(data, max_pixels=settings.max_pixels)
     height, width = int(pixels.shape[0]), int(pixels.shape[1])
+    tensor = None
+    if preprocessing is not None:
+        from training.preprocess import preprocess  # torch: only when a model is loaded
+
+        tensor = preprocess(pixels, preprocessing)
     del pixels
     fmt = sniff_format(data)
     if fmt is None:  # decode_image accepted it, so this cannot happen; keep mypy and us honest
@@ -209,6 +230,7 @@ def prepare_image(data: bytes, *, settings: Settings) -> PreparedImage:
         format=fmt,
         width=width,
         height=height,
+        tensor=tensor,
     )
 
 
@@ -403,8 +425,14 @@ def enroll_references(
     label: str,
     enrolled_by: int | None,
     settings: Settings,
+    service: ServiceState | None = None,
 ) -> list[EnrolledReference]:
     """Enroll uploaded files under `label`; all or nothing, committed, index_version bumped.
+
+    With `service` (this process's prediction state), the new references are embedded from
+    the decode already done, their embeddings stored, and the service's index moved forward
+    by exactly them (`ServiceState.on_references_changed`), so the next prediction neither
+    rebuilds the index nor reads an image back.
 
     Every file is validated before anything is written, so one bad file refuses the whole
     request (its error names the file's position, never its name). Enrolling bytes that are
@@ -415,18 +443,29 @@ def enroll_references(
     label = validate_label(label)
     if not files:
         raise InvalidLabelError("no file given; send one or more images as multipart 'file'")
+    model = service.enrollment_model() if service is not None else None
+    preprocessing = model.preprocessing if model is not None else None
     prepared: list[PreparedImage] = []
     for position, (_filename, data) in enumerate(files, start=1):
         try:
-            prepared.append(prepare_image(data, settings=settings))
+            prepared.append(prepare_image(data, settings=settings, preprocessing=preprocessing))
         except ImageError as exc:
             if len(files) == 1:
                 raise
             raise type(exc)(f"file {position} of {len(files)}: {exc}") from exc
     unique = list({p.sha256: p for p in prepared}.values())
-    results, _version = _enroll_locked(
+    results, version = _enroll_locked(
         session=session, groups={label: unique}, enrolled_by=enrolled_by, settings=settings
     )
+    if service is not None and version is not None:
+        _announce_enrollment(
+            session=session,
+            service=service,
+            model=model,
+            results=results,
+            prepared=unique,
+            version=version,
+        )
     by_sha = {r.sha256: r for r in results}
     for r in results:
         logger.info(
@@ -445,6 +484,53 @@ def enroll_references(
         answers.append(replace(result, duplicate=True) if item.sha256 in seen else result)
         seen.add(item.sha256)
     return answers
+
+
+def _announce_enrollment(
+    *,
+    session: Session,
+    service: ServiceState,
+    model: LoadedModel | None,
+    results: Sequence[EnrolledReference],
+    prepared: Sequence[PreparedImage],
+    version: int,
+) -> None:
+    """Embed the new references with `model`, store the vectors, and tell the service.
+
+    The enrollment is committed already: a failure here is logged, never raised (the service
+    falls back to a refresh from the database, which embeds what is missing).
+    """
+    from app.state import ReferencesChange, embed_tensors
+
+    change = None
+    try:
+        new = [r for r in results if not r.duplicate]
+        tensors = {p.sha256: p.tensor for p in prepared}
+        if model is not None and new and all(tensors[r.sha256] is not None for r in new):
+            import torch
+
+            batch = torch.stack([tensors[r.sha256] for r in new])
+            vectors = embed_tensors(model.encoder, batch, model.device)
+            service.store_embeddings(
+                session, model.version, {r.id: v for r, v in zip(new, vectors, strict=True)}
+            )
+            change = ReferencesChange(
+                index_version=version,
+                model_version=model.version,
+                added=tuple((r.id, r.label, v) for r, v in zip(new, vectors, strict=True)),
+            )
+    except Exception:
+        logger.exception("could not embed new references at enrollment; the service refreshes")
+    _notify(session, service, change)
+
+
+def _notify(session: Session, service: ServiceState, change: Any) -> None:
+    """Tell the service about a committed change; failures are logged, not raised (the change
+    is committed and the next prediction refreshes anyway)."""
+    try:
+        service.on_references_changed(session, change=change)
+    except Exception:
+        logger.exception("on_references_changed failed; the next prediction will refresh")
 
 
 def list_references(
@@ -468,7 +554,13 @@ def list_references(
     return list(rows), int(session.execute(count_query).scalar_one())
 
 
-def delete_reference(*, session: Session, reference_id: str, settings: Settings) -> int:
+def delete_reference(
+    *,
+    session: Session,
+    reference_id: str,
+    settings: Settings,
+    service: ServiceState | None = None,
+) -> int:
     """Delete a reference (its embeddings cascade) and then its file, under the image's lock.
 
     The row's removal is committed before the file is unlinked: a crash in between leaves only a
@@ -492,6 +584,10 @@ def delete_reference(*, session: Session, reference_id: str, settings: Settings)
         session.expunge_all()
         _remove_file(settings.data_dir / image_path, reference_id=reference_id)
     logger.info("reference deleted", extra={"reference_id": reference_id})
+    if service is not None:
+        from app.state import ReferencesChange
+
+        _notify(session, service, ReferencesChange(index_version=version, removed=(reference_id,)))
     return version
 
 
