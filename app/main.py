@@ -37,7 +37,7 @@ from app.db.session import create_db_engine, create_sessionmaker
 from app.logging import RequestIdMiddleware, configure_logging, get_request_id
 from app.metrics import Metrics
 from app.routes import audit, classes, health, references
-from app.services.references import InvalidLabelError
+from app.services.references import InvalidLabelError, reconcile_at_startup
 from app.services.thumbnails import ThumbnailCache
 from app.web import router as web_router
 from training.imaging import (
@@ -388,6 +388,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = create_db_engine(settings.database_url)
     app.state.engine = engine
     app.state.sessionmaker = create_sessionmaker(engine)
+    reconcile_at_startup(sessionmaker=app.state.sessionmaker, settings=settings)
     app.state.service = _build_service(app)
     _warm_up(app.state.service)
     logger.info(

@@ -30,8 +30,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -63,6 +64,7 @@ __all__ = [
     "LoadedModel",
     "ModelBundle",
     "ModelFileError",
+    "ReferencesChange",
     "ServiceState",
     "embed_tensors",
     "file_sha256",
@@ -154,19 +156,14 @@ class ModelBundle:
     """Everything a prediction needs, consistent with itself. Never mutated after creation.
 
     `index` is None when no reference is enrolled (the model is loaded, predictions answer
-    503 until references exist). `class_means` are the L2-normalised mean reference
-    embeddings per class: the Grad-CAM target. `embeddings` / `reference_ids` are kept so the
-    next rebuild for the same model fetches only the new references' vectors.
+    503 until references exist). The next bundle of the same model is built on `index.fork()`
+    (copy-on-write: only the classes that change are copied), so this bundle's index never
+    changes under a prediction that holds it.
     """
 
     model: LoadedModel
     index: ReferenceIndex | None
     index_version: int
-    classes: tuple[str, ...]
-    class_means: Mapping[str, np.ndarray]
-    reference_ids: tuple[str, ...] = ()
-    reference_labels: tuple[str, ...] = ()
-    embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     built_at: float = field(default_factory=time.time)
 
     @property
@@ -187,11 +184,44 @@ class ModelBundle:
 
     @property
     def size(self) -> int:
-        return len(self.reference_ids)
+        return len(self.index) if self.index is not None else 0
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(sorted(self.index.classes())) if self.index is not None else ()
+
+    @cached_property
+    def class_means(self) -> Mapping[str, np.ndarray]:
+        """L2-normalised mean reference embedding per class (the Grad-CAM target), from the
+        index's running sums: O(classes x dim), computed once per bundle."""
+        if self.index is None:
+            return MappingProxyType({})
+        means = {}
+        for label in self.index.classes():
+            total, _sq, count = self.index.class_sums(label)
+            mean = total / max(count, 1)
+            norm = float(np.linalg.norm(mean))
+            means[label] = (mean / norm if norm > 0 else mean).astype(np.float32)
+        return MappingProxyType(means)
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         """Embeddings of a preprocessed batch with this bundle's encoder."""
         return embed_tensors(self.model.encoder, batch, self.model.device)
+
+
+@dataclass(frozen=True)
+class ReferencesChange:
+    """A committed change of the reference set, told to this process's `ServiceState` so it
+    can move its bundle forward without re-reading every reference.
+
+    `index_version` is the value the change's transaction bumped `service_state` to.
+    `added` are (reference id, label, embedding by `model_version`); `removed` are ids.
+    """
+
+    index_version: int
+    model_version: str | None = None
+    added: tuple[tuple[str, str, np.ndarray], ...] = ()
+    removed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -306,11 +336,57 @@ class ServiceState:
             target = self.read_target(session)
         return self._ensure(target, wait=wait)
 
-    def on_references_changed(self, session: Session | None = None) -> None:
-        """Called by the references routes after a committed change: refresh now, so this
-        process's next prediction does not pay for it. Waits for a running rebuild."""
+    def on_references_changed(
+        self, session: Session | None = None, *, change: ReferencesChange | None = None
+    ) -> None:
+        """Called after a committed reference change, so this process's next prediction does
+        not pay for it. With `change` (made by this process) the bundle moves forward by
+        exactly that change when it was at the version just before it: no database read, no
+        re-embedding, a copy-on-write add/remove on the index. Otherwise (another process
+        changed something in between) it refreshes from the database. Waits for a running
+        rebuild."""
         del session  # our own session sees the committed change; the caller's may be closed
+        if change is not None and self._apply(change):
+            return
         self.refresh(wait=True)
+
+    def enrollment_model(self) -> LoadedModel | None:
+        """The model new references should be embedded with now (None when none is loaded)."""
+        bundle = self._bundle
+        return bundle.model if bundle is not None else None
+
+    def _apply(self, change: ReferencesChange) -> bool:
+        """Move the bundle forward by `change`; False when it cannot be applied exactly."""
+        with self._rebuild_lock:
+            bundle = self._bundle
+            if bundle is None or bundle.index_version != change.index_version - 1:
+                return False
+            if change.added and change.model_version != bundle.model_version:
+                return False
+            index = (
+                bundle.index.fork()
+                if bundle.index is not None
+                else self._new_index(bundle.model.embedding_dim)
+            )
+            try:
+                if change.removed:
+                    index.remove(change.removed, missing_ok=True)
+                if change.added:
+                    index.add(
+                        np.stack([vec for _id, _label, vec in change.added]),
+                        [ref_id for ref_id, _label, _vec in change.added],
+                        [label for _id, label, _vec in change.added],
+                    )
+            except ValueError:  # already there (read by a rebuild after its commit)
+                return False
+            self._swap(
+                ModelBundle(
+                    model=bundle.model,
+                    index=index if len(index) else None,
+                    index_version=change.index_version,
+                )
+            )
+            return True
 
     def readiness(self) -> tuple[bool, list[str]]:
         """(ready, reasons). Refreshes first, so a fresh process becomes ready without traffic."""
@@ -428,7 +504,12 @@ class ServiceState:
             logger.exception("could not update the service gauges")
 
     def _build(self, *, previous: ModelBundle | None) -> ModelBundle | None:
-        """A complete new bundle from the database (or None when no model is active)."""
+        """A complete new bundle from the database (or None when no model is active).
+
+        For the model already loaded, the new index is the previous one's fork plus the
+        difference with the database (references added or removed since), so a rebuild costs
+        one id/label query plus the new references, not a re-embedding of everything.
+        """
         started = time.perf_counter()
         with self.sessionmaker() as session:
             # Read the version *first*: a reference added after this read makes the bundle
@@ -448,23 +529,64 @@ class ServiceState:
                     Reference.created_at, Reference.id
                 )
             ).all()
-            known: dict[str, np.ndarray] = {}
-            if previous is not None and previous.model.version == model.version:
-                known = dict(zip(previous.reference_ids, previous.embeddings, strict=True))
-            vectors = self._collect_embeddings(session, model, refs, known)
-        ids = [r.id for r in refs if r.id in vectors]
-        labels = [r.label for r in refs if r.id in vectors]
-        bundle = self._assemble(model, target.index_version, ids, labels, vectors)
+            same_model = previous is not None and previous.model.version == model.version
+            base = previous.index if same_model and previous is not None else None
+            index, added, removed = self._sync_index(session, model, refs, base)
+        if index is not None and base is None:
+            index.wait_calibrated()  # a fresh index calibrates here, not in a prediction
+        bundle = ModelBundle(model=model, index=index, index_version=target.index_version)
         logger.info(
             "service state built",
             extra={
                 "seconds": round(time.perf_counter() - started, 3),
-                "references": len(ids),
+                "references": bundle.size,
+                "added": added,
+                "removed": removed,
                 "model_version": model.version,
                 "index_version": target.index_version,
             },
         )
         return bundle
+
+    def _new_index(self, dim: int) -> ReferenceIndex:
+        return ReferenceIndex(
+            dim,
+            factory=self.settings.index_factory,
+            device=self.settings.device,
+            unknown_quantile=self.settings.unknown_quantile,
+            k=self.settings.default_k,
+            recalibration="background",
+        )
+
+    def _sync_index(
+        self,
+        session: Session,
+        model: LoadedModel,
+        refs: Sequence[Any],
+        base: ReferenceIndex | None,
+    ) -> tuple[ReferenceIndex | None, int, int]:
+        """`base` forked and brought in line with `refs` (or a new index); returns it (None
+        when empty) and how many references were added and removed."""
+        index = base.fork() if base is not None else self._new_index(model.embedding_dim)
+        wanted = {r.id: r.label for r in refs}
+        stale = []
+        if base is not None:
+            for ref_id in index.ids:
+                label = wanted.get(ref_id)
+                if label is None or label != index.label_of(ref_id):
+                    stale.append(ref_id)
+            index.remove(stale)
+        present = set(index.ids)
+        new_refs = [r for r in refs if r.id not in present]
+        vectors = self._collect_embeddings(session, model, new_refs, {})
+        kept = [r for r in new_refs if r.id in vectors]
+        if kept:
+            index.add(
+                np.stack([vectors[r.id] for r in kept]).astype(np.float32, copy=False),
+                [r.id for r in kept],
+                [r.label for r in kept],
+            )
+        return (index if len(index) else None), len(kept), len(stale)
 
     def _load_model(self, row: Model) -> LoadedModel:
         path = resolve_data_path(row.file_path, self.settings)
@@ -521,7 +643,7 @@ class ServiceState:
         if missing:
             computed = self._compute_embeddings(model, missing)
             vectors.update(computed)
-            self._store_embeddings(session, model.version, computed)
+            self.store_embeddings(session, model.version, computed)
         return vectors
 
     def _compute_embeddings(self, model: LoadedModel, refs: Sequence[Any]) -> dict[str, np.ndarray]:
@@ -555,7 +677,7 @@ class ServiceState:
         )
         return out
 
-    def _store_embeddings(
+    def store_embeddings(
         self, session: Session, model_version: str, vectors: Mapping[str, np.ndarray]
     ) -> None:
         """Persist computed vectors; concurrent writers (other processes) are tolerated."""
@@ -584,53 +706,3 @@ class ServiceState:
         except SQLAlchemyError:
             session.rollback()
             logger.exception("could not store computed embeddings; they will be recomputed")
-
-    def _assemble(
-        self,
-        model: LoadedModel,
-        index_version: int,
-        ids: list[str],
-        labels: list[str],
-        vectors: Mapping[str, np.ndarray],
-    ) -> ModelBundle:
-        if not ids:
-            return ModelBundle(
-                model=model,
-                index=None,
-                index_version=index_version,
-                classes=(),
-                class_means=MappingProxyType({}),
-                embeddings=np.zeros((0, model.embedding_dim), np.float32),
-            )
-        matrix = np.stack([vectors[i] for i in ids]).astype(np.float32, copy=False)
-        matrix.setflags(write=False)
-        index = ReferenceIndex(
-            model.embedding_dim,
-            factory=self.settings.index_factory,
-            device=self.settings.device,
-            unknown_quantile=self.settings.unknown_quantile,
-            k=self.settings.default_k,
-        )
-        index.add(matrix, ids, labels)
-        return ModelBundle(
-            model=model,
-            index=index,
-            index_version=index_version,
-            classes=tuple(sorted(set(labels))),
-            class_means=MappingProxyType(class_means(matrix, labels)),
-            reference_ids=tuple(ids),
-            reference_labels=tuple(labels),
-            embeddings=matrix,
-        )
-
-
-def class_means(matrix: np.ndarray, labels: Iterable[str]) -> dict[str, np.ndarray]:
-    """L2-normalised mean embedding of each class (the Grad-CAM similarity target)."""
-    labels = list(labels)
-    means: dict[str, np.ndarray] = {}
-    label_arr = np.asarray(labels)
-    for label in sorted(set(labels)):
-        mean = matrix[label_arr == label].mean(axis=0)
-        norm = float(np.linalg.norm(mean))
-        means[label] = (mean / norm if norm > 0 else mean).astype(np.float32)
-    return means

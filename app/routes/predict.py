@@ -15,12 +15,12 @@ from functools import partial
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Response, UploadFile
 from fastapi.routing import APIRoute
 from starlette.types import Message
 
 from app.db.session import SessionDep
-from app.deps import ReaderKey, SettingsDep
+from app.deps import ReaderKey, SettingsDep, single_form_fields
 from app.schemas import ErrorPublic
 from app.schemas_predict import Method, PredictionPublic
 from app.services.predict import MAX_K, PredictionUnavailableError, predict
@@ -85,7 +85,7 @@ PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorPublic, "description": "The key's role is too low"},
     413: {"model": ErrorPublic, "description": "Over the byte or pixel limit"},
     415: {"model": ErrorPublic, "description": "Not PNG, JPEG or DICOM"},
-    422: {"model": ErrorPublic, "description": "Missing file or invalid k / method"},
+    422: {"model": ErrorPublic, "description": "Missing or repeated file, invalid k / method"},
     503: {"model": ErrorPublic, "description": "No active model or no references enrolled"},
 }
 
@@ -120,6 +120,7 @@ async def read_upload(upload: UploadFile, *, limit: int) -> bytes:
     response_model=PredictionPublic,
     responses=PREDICT_ERRORS,
     summary="Predict the class of a chest X-ray (k-NN or mean distance to enrolled classes)",
+    dependencies=[Depends(single_form_fields("file"))],
 )
 async def create_prediction(
     request: Request,

@@ -9,10 +9,20 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+)
 
 from app.db.session import SessionDep
-from app.deps import AdminKey, ClinicianKey, ReaderKey, SettingsDep
+from app.deps import AdminKey, ClinicianKey, ReaderKey, SettingsDep, single_form_fields
 from app.schemas import (
     ErrorPublic,
     ReferenceEnrolledPublic,
@@ -22,6 +32,7 @@ from app.schemas import (
 )
 from app.services.references import (
     SITE_SOURCE,
+    ReferenceConflictError,
     ReferenceNotFoundError,
     delete_reference,
     enroll_references,
@@ -35,6 +46,7 @@ from app.services.thumbnails import (
     ThumbnailCache,
     reference_thumbnail,
 )
+from app.state import ServiceState
 from training.imaging import ImageTooLargeError
 
 logger = logging.getLogger(__name__)
@@ -49,7 +61,14 @@ UPLOAD_ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorPublic, "description": "Unreadable or corrupt image"},
     413: {"model": ErrorPublic, "description": "Over the byte or pixel limit"},
     415: {"model": ErrorPublic, "description": "Not PNG, JPEG or DICOM"},
-    422: {"model": ErrorPublic, "description": "Missing or invalid field"},
+    422: {"model": ErrorPublic, "description": "Missing, repeated or invalid field"},
+}
+CONFLICT_ERRORS: dict[int | str, dict[str, object]] = {
+    409: {
+        "model": ErrorPublic,
+        "description": "The image is enrolled under another label, or the label only differs "
+        "from an existing class by case or look-alike characters",
+    },
 }
 CHUNK = 1024 * 1024
 
@@ -69,26 +88,19 @@ def read_upload(upload: UploadFile, *, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def notify_references_changed(request: Request, session: SessionDep) -> None:
-    """Let this process's prediction service pick up the change now (others poll
-    `index_version`). Failures are logged, not raised: the change is committed and the next
-    prediction refreshes anyway."""
-    service = getattr(request.app.state, "service", None)
-    hook = getattr(service, "on_references_changed", None)
-    if hook is None:
-        return
-    try:
-        hook(session)
-    except Exception:
-        logger.exception("on_references_changed failed; the next prediction will refresh")
+def _service(request: Request) -> ServiceState | None:
+    """This process's prediction state, told about every change so its next prediction uses
+    it without a rebuild (other processes poll `index_version`)."""
+    return getattr(request.app.state, "service", None)
 
 
 @router.post(
     "",
     status_code=201,
     response_model=ReferencesEnrolledPublic,
-    responses={**AUTH_ERRORS, **UPLOAD_ERRORS},
+    responses={**AUTH_ERRORS, **UPLOAD_ERRORS, **CONFLICT_ERRORS},
     summary="Enroll one or more reference images under a class label",
+    dependencies=[Depends(single_form_fields("label"))],
 )
 def create_references(
     request: Request,
@@ -116,16 +128,18 @@ def create_references(
         (upload.filename or "", read_upload(upload, limit=settings.max_upload_bytes))
         for upload in file
     ]
-    enrolled = enroll_references(
-        session=session,
-        files=files,
-        label=label,
-        enrolled_by=key.id,
-        settings=settings,
-        source=source,
-    )
-    if any(not item.duplicate for item in enrolled):
-        notify_references_changed(request, session)
+    try:
+        enrolled = enroll_references(
+            session=session,
+            files=files,
+            label=label,
+            enrolled_by=key.id,
+            settings=settings,
+            service=_service(request),
+            source=source,
+        )
+    except ReferenceConflictError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc
     return ReferencesEnrolledPublic(
         references=[ReferenceEnrolledPublic.model_validate(item) for item in enrolled]
     )
@@ -163,13 +177,17 @@ def remove_reference(
     _key: AdminKey,
 ) -> Response:
     try:
-        delete_reference(session=session, reference_id=reference_id, settings=settings)
+        delete_reference(
+            session=session,
+            reference_id=reference_id,
+            settings=settings,
+            service=_service(request),
+        )
     except ReferenceNotFoundError as exc:
         raise HTTPException(
             status_code=404,
             detail=f"{exc.args[0]}; list references with GET /references",
         ) from exc
-    notify_references_changed(request, session)
     return Response(status_code=204)
 
 

@@ -260,9 +260,12 @@ class FakeService:
         self.calls = 0
         self.ok = ok
 
-    def on_references_changed(self, session: sa.orm.Session) -> None:
+    def on_references_changed(self, session: sa.orm.Session, *, change: object = None) -> None:
         assert isinstance(session, sa.orm.Session)
         self.calls += 1
+
+    def enrollment_model(self) -> None:
+        return None
 
     def readiness(self) -> tuple[bool, list[str]]:
         return (True, []) if self.ok else (False, ["no references enrolled"])

@@ -84,21 +84,64 @@ def test_concurrent_search_sees_before_or_after_never_a_mix() -> None:
     assert not mixed, f"{len(mixed)} of {len(seen)} answers match no single state: {mixed[0]}"
 
 
-def test_replace_swaps_everything_at_once() -> None:
+class _Observed(ReferenceIndex):
+    """Every state the index publishes is seen by the reader before the writer goes on.
+
+    The `_snapshot` assignment is where a state becomes visible; here it blocks until a search
+    that *started after* it has finished, so a reader is guaranteed to observe every published
+    state, however briefly it lives. A replace that publishes an intermediate state (remove,
+    then add) is therefore caught deterministically, not by luck of thread scheduling.
+    """
+
+    watching = False
+    published = 0
+    observed = -1
+
+    @property  # type: ignore[override]
+    def _snapshot(self):
+        return self.__dict__["_snap"]
+
+    @_snapshot.setter
+    def _snapshot(self, value) -> None:
+        self.__dict__["_snap"] = value
+        if not self.watching:
+            return
+        self.published += 1
+        deadline = time.monotonic() + 10
+        while self.observed < self.published and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
+
+class _NonAtomicReplace(_Observed):
+    """A deliberately broken replace: two publications (empty, then new)."""
+
+    def replace(self, embeddings, ids, labels) -> None:
+        self.remove(self.ids)
+        self.add(embeddings, ids, labels)
+
+
+def _states_seen_during_replace(index_cls: type[_Observed]) -> tuple[list[object], int]:
+    """Answers a reader saw while `replace` ran (a set of id prefixes and classes, or the
+    exception raised), and how many states were published."""
     rng = np.random.default_rng(1)
     old = l2_normalize(rng.standard_normal((50, DIM)))
     new = l2_normalize(rng.standard_normal((70, DIM)))
-    index = ReferenceIndex.build(old, [f"o{i}" for i in range(50)], ["X"] * 50, device="cpu")
+    index = index_cls.build(old, [f"o{i}" for i in range(50)], ["X"] * 50, device="cpu")
     q = l2_normalize(rng.standard_normal((1, DIM)))
-    v0 = index.version
-    results: list[set[str]] = []
+    seen: list[object] = []
     stop = threading.Event()
 
     def reader() -> None:
         while not stop.is_set():
-            r = index.search(q, k=10)[0]
-            results.append({n.reference_id[0] for n in r.neighbors} | set(r.distances))
+            started_after = index.published
+            try:
+                r = index.search(q, k=10)[0]
+                seen.append(frozenset({n.reference_id[0] for n in r.neighbors} | set(r.distances)))
+            except Exception as exc:  # an intermediate empty index raises
+                seen.append(type(exc).__name__)
+            index.observed = started_after
 
+    index.watching = True
     t = threading.Thread(target=reader)
     t.start()
     try:
@@ -106,7 +149,25 @@ def test_replace_swaps_everything_at_once() -> None:
     finally:
         stop.set()
         t.join(timeout=30)
-    assert index.version == v0 + 1 and index.classes() == {"Y": 70}
-    assert all(r in ({"o", "X"}, {"n", "Y"}) for r in results), results[:3]
+    assert index.classes() == {"Y": 70}
     with pytest.raises(KeyError):
         index.label_of("o1")
+    return seen, index.published
+
+
+OLD_STATE = frozenset({"o", "X"})
+NEW_STATE = frozenset({"n", "Y"})
+
+
+def test_replace_swaps_everything_at_once() -> None:
+    seen, published = _states_seen_during_replace(_Observed)
+    assert published == 1
+    assert NEW_STATE in seen  # the reader did observe the published state
+    assert set(seen) <= {OLD_STATE, NEW_STATE}, set(seen)
+
+
+def test_the_replace_check_catches_a_non_atomic_replace() -> None:
+    """The check above can fail: against a replace that publishes twice it sees the gap."""
+    seen, published = _states_seen_during_replace(_NonAtomicReplace)
+    assert published == 2
+    assert set(seen) - {OLD_STATE, NEW_STATE}, "the intermediate state went unobserved"
