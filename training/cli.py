@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -121,6 +122,7 @@ def _check_sources(data: list[Path]) -> None:
 
 
 def train_command(
+    ctx: typer.Context,
     data: list[Path] = typer.Option(..., "--data", help=_DATA_HELP),
     out: Path = typer.Option(
         ..., "--out", help="Run directory (encoder.pt, metrics.json, config.json, plots)."
@@ -169,10 +171,23 @@ def train_command(
     progress_bar: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bar (default: when on a terminal)."
     ),
+    nproc: int = typer.Option(
+        1, min=1, help="Processes (DistributedDataParallel via torchrun; one per GPU on CUDA)."
+    ),
+    compile_step: bool = typer.Option(
+        False, "--compile", help="torch.compile the training step (CPU: needs a C++ compiler)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Train a siamese (metric-learning) encoder and write RUN_DIR/encoder.pt, metrics and plots."""
     _setup_logging(verbose)
+    if nproc > 1:  # the same command in N processes, started by torch's own launcher
+        with _user_errors():
+            try:
+                _launch_torchrun(ctx, nproc)
+            except RuntimeError as exc:
+                raise ValueError(str(exc)) from None
+        return  # rank 0 printed the results
     with _user_errors():
         from training.train import train
 
@@ -183,12 +198,20 @@ def train_command(
             init_from=str(init_from) if init_from else None, crop=crop, equalize=equalize,
             erase_p=erase_p,
             patience=patience or None, workers=workers, threads=threads, progress_bar=progress_bar,
+            compile=compile_step,
         )  # fmt: skip
         config.validate()
         _check_sources(data)
         if weights is not None and not weights.is_file():
             raise FileNotFoundError(f"--weights {weights} does not exist")
-        result = train(config)
+        from training.distributed import shutdown
+
+        try:
+            result = train(config)
+        finally:
+            shutdown()  # leaves the torchrun process group, if any
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for the whole job
     test = result.metrics.get("test")
     if test is not None:
         split = result.metrics.get("evaluated_split")
@@ -199,6 +222,24 @@ def train_command(
         f"{result.metrics['minutes']:.1f} min) and metrics, config, plots in {result.run_dir}",
         highlight=False,
     )
+
+
+def _launch_torchrun(ctx: typer.Context, nproc: int) -> None:
+    """Re-run this very `train` command (every option as given, but --nproc) under torchrun."""
+    from training.distributed import launch
+
+    argv: list[str] = ["train"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if not param.opts[0].startswith("-") or param.name == "nproc" or value is None:
+            continue
+        if getattr(param, "is_flag", False):
+            flags = param.opts if value else param.secondary_opts
+            argv += flags[:1]
+            continue
+        for item in value if param.multiple else [value]:
+            argv += [param.opts[0], str(item)]
+    launch(nproc, argv)
 
 
 def evaluate_command(
@@ -355,3 +396,15 @@ def bench_adapt_command(
         )  # fmt: skip
     _console.print(table)
     _console.print(f"wrote {out}", highlight=False)
+
+
+def main() -> None:
+    """``python -m training.cli train ...``: the entry point torchrun starts on every rank."""
+    app = typer.Typer(add_completion=False, help="cxr training commands (as in `cxr`).")
+    app.command("train")(train_command)
+    app.command("evaluate")(evaluate_command)
+    app()
+
+
+if __name__ == "__main__":
+    main()

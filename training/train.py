@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from training import distributed as ddp
 from training.checkpoint import atomic_torch_save, read_checkpoint, save_checkpoint
 from training.data import (
     Sample,
@@ -125,6 +126,7 @@ class TrainConfig:
     erase_p: float = 0.25
     resume: bool = False
     progress_bar: bool | None = None  # None: only when stderr is a terminal
+    compile: bool = False  # torch.compile the training step (needs a C++ compiler on CPU)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str | Path):
@@ -427,19 +429,22 @@ def train(
     """
     config.validate()
     started = time.perf_counter()
+    # Under torchrun: join the process group (training/distributed.py); else rank 0 of 1.
+    dctx = ddp.setup(config.device)
+    main = dctx.is_main
     run_dir = Path(config.out).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = run_dir / "last.pt", run_dir / "encoder.pt"
-    if config.resume and not last_path.is_file():
+    if config.resume and main and not last_path.is_file():
         raise FileNotFoundError(
             f"--resume: {last_path} does not exist; train without --resume first"
         )
 
     # ---- environment --------------------------------------------------------------------
     _seed_everything(config.seed)
-    device = resolve_device(config.device)
+    device = dctx.device or resolve_device(config.device)
     on_cuda = device.type == "cuda"
-    torch.set_num_threads(config.threads or default_threads())
+    torch.set_num_threads(config.threads or ddp.default_threads_per_rank(dctx, default_threads()))
     workers = (
         config.workers
         if config.workers is not None
@@ -488,23 +493,26 @@ def train(
     m_per_class = config.m_per_class or max(2, config.batch_size // n_groups)
     batch_size = min(config.batch_size, m_per_class * n_groups)
     batch_size -= batch_size % m_per_class
+    # One global sampler of world x batch images per step, identical on every rank; each rank
+    # takes its share of each global batch (training/distributed.py, ShardedBatchSampler).
+    world, global_batch = dctx.world_size, batch_size * dctx.world_size
     sampler = balanced_sampler(
-        train_set.groups,
-        m_per_class=m_per_class,
-        length=config.epoch_images or len(train_set),
-        batch_size=batch_size,
-    )
+        train_set.groups, m_per_class=m_per_class * world,
+        length=config.epoch_images or len(train_set), batch_size=global_batch,
+    )  # fmt: skip
+    steps_per_epoch = max(1, len(sampler) // global_batch)
+    batches = ddp.ShardedBatchSampler(
+        sampler, groups=train_set.groups, global_batch=global_batch, rank=dctx.rank,
+        world_size=world, steps=steps_per_epoch,
+    )  # fmt: skip
     augment = train_augmentation(spec, erase_p=config.erase_p) if config.augment else None
     loader = DataLoader(
         _Augmented(train_set, augment),
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=True,
+        batch_sampler=batches,
         num_workers=workers,
         pin_memory=on_cuda,
         persistent_workers=workers > 0,
     )
-    steps_per_epoch = max(1, len(sampler) // batch_size)
 
     # ---- loss, optimiser -----------------------------------------------------------------
     encoder = encoder.to(device)
@@ -520,18 +528,24 @@ def train(
         _param_groups([encoder, criterion], config.weight_decay), lr=config.lr
     )
     scheduler = _lr_schedule(optimizer, config, steps_per_epoch)
+    if dctx.enabled:  # same init everywhere (seeded), different augmentation per rank
+        torch.manual_seed(config.seed + 7919 * dctx.rank)
 
     history: list[dict[str, Any]] = []
     best_score, best_epoch, stale, start_epoch = -1.0, 0, 0, 0
     best_val: dict[str, Any] | None = None
     best_state: dict[str, torch.Tensor] | None = None
     if config.resume:
-        state = torch.load(last_path, map_location=device, weights_only=False)
+        # Rank 0 reads last.pt and hands it to the others (only rank 0's disk need hold it).
+        state = ddp.broadcast_object(
+            torch.load(last_path, map_location="cpu", weights_only=False) if main else None, dctx
+        )
         encoder.load_state_dict(state["encoder"])
         criterion.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        ranks_rng = state.get("rng_ranks") or []
+        _set_rng_state(ranks_rng[dctx.rank] if len(ranks_rng) == world else state["rng"])
         history = state["history"]
         best_score, best_epoch, stale = state["best_score"], state["best_epoch"], state["stale"]
         best_val, best_state = state["best_val"], state["best_state"]
@@ -541,14 +555,19 @@ def train(
             # the sampling state, restored so a resumed run draws the same batches.
             sampler.labels = list(state["sampler_labels"])
         log.info("resumed from %s after epoch %d", last_path, start_epoch)
+    step_module = ddp.wrap(ddp.TrainStep(encoder, criterion, amp_dtype), dctx)
+    if config.compile:
+        step_module = torch.compile(step_module)
 
     config_dict = {**config.to_dict(), "resolved": {
         "device": str(device), "m_per_class": m_per_class, "batch_size": batch_size,
         "steps_per_epoch": steps_per_epoch, "workers": workers, "classes": classes,
         "threads": torch.get_num_threads(), "channels_last": channels_last,
         "autocast": str(amp_dtype) if amp_dtype else None,
+        "world_size": world, "global_batch_size": global_batch,
     }}  # fmt: skip
-    (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
+    if main:
+        (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
     log.info(
         "training %s + %s on %s: %d train images, %d steps/epoch of %d (%d per class), %d epochs",
         config.encoder, config.loss, device, len(train_set), steps_per_epoch, batch_size,
@@ -557,6 +576,8 @@ def train(
 
     def save_best(metrics: Mapping[str, Any]) -> None:
         assert best_state is not None
+        if not main:
+            return
         snapshot = copy.deepcopy(encoder).cpu()
         snapshot.load_state_dict(best_state)
         save_checkpoint(
@@ -576,25 +597,35 @@ def train(
             return None
         kw = {"batch_size": config.eval_batch_size, "device": device,
               "channels_last": channels_last, "autocast_dtype": amp_dtype}  # fmt: skip
-        refs = embed_tensors(encoder, [train_set[i][0] for i in range(len(train_set))], **kw)
-        queries_set = datasets[split]
-        queries = embed_tensors(encoder, [queries_set[i][0] for i in range(len(queries_set))], **kw)
-        return evaluate_embeddings(
-            refs,
-            [classes[i] for i in train_set.labels],
-            queries,
-            [classes[i] for i in queries_set.labels],
-            classes=classes,
-            k=config.knn_k,
-            episodes=config.n_way_episodes if split == "test" else 200,
-            seed=config.seed,
-            query_sources=[s.source for s in queries_set.samples],
+        ddp.sync_buffers(encoder, dctx)  # BatchNorm statistics of rank 0, as checkpointed
+
+        def embed(ds: XrayDataset) -> np.ndarray:  # each rank embeds a share, all get all
+            mine = [ds[i][0] for i in ddp.shard_indices(len(ds), dctx)]
+            return ddp.gather_rows(embed_tensors(encoder, mine, **kw), len(ds), dctx)
+
+        refs, queries_set = embed(train_set), datasets[split]
+        queries = embed(queries_set)
+        if not main:  # rank 0 scores; every rank gets its report (same decisions everywhere)
+            return ddp.broadcast_object(None, dctx)
+        return ddp.broadcast_object(
+            evaluate_embeddings(
+                refs,
+                [classes[i] for i in train_set.labels],
+                queries,
+                [classes[i] for i in queries_set.labels],
+                classes=classes,
+                k=config.knn_k,
+                episodes=config.n_way_episodes if split == "test" else 200,
+                seed=config.seed,
+                query_sources=[s.source for s in queries_set.samples],
+            ),
+            dctx,
         )
 
     # ---- epochs -------------------------------------------------------------------------
     total_steps = config.epochs * steps_per_epoch
     show_bar = config.progress_bar if config.progress_bar is not None else sys.stderr.isatty()
-    bar = _make_progress(show_bar)
+    bar = _make_progress(show_bar and main)
     if bar is not None:
         bar.start()
     try:
@@ -616,11 +647,7 @@ def train(
                 y = y.to(device, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(
-                    device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None
-                ):
-                    embeddings = encoder(x)
-                loss = criterion(embeddings.float(), y)
+                loss = step_module(x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip:
@@ -632,12 +659,13 @@ def train(
                 loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)
                 done = epoch * steps_per_epoch + step + 1
-                if progress is not None:
+                if progress is not None and main:
                     progress(0.98 * done / total_steps)
                 if task is not None:
                     ips = seen / max(time.perf_counter() - t0, 1e-9)
                     bar.update(task, advance=1, loss=loss_sum / seen, ips=ips)
             train_seconds = time.perf_counter() - t0
+            loss_sum, seen = ddp.sum_across(dctx, loss_sum, seen)  # the global batch's mean
             report = validate("val")
             row: dict[str, Any] = {
                 "epoch": epoch + 1,
@@ -673,25 +701,28 @@ def train(
                 epoch + 1, config.epochs, row["train_loss"], row["images_per_second"],
                 f"{score:.4f}" if report is not None else "n/a", " (best)" if improved else "",
             )  # fmt: skip
-            atomic_torch_save(
-                {
-                    "epoch": epoch + 1,
-                    "encoder": encoder.state_dict(),
-                    "loss": criterion.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(),
-                    "history": history,
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "stale": stale,
-                    "best_val": best_val,
-                    "best_state": best_state,
-                    "sampler_labels": list(getattr(sampler, "labels", []) or []) or None,
-                    "config": config.to_dict(),
-                },
-                last_path,
-            )
+            ranks_rng = ddp.gather_objects(_rng_state(), dctx)
+            if main:
+                atomic_torch_save(
+                    {
+                        "epoch": epoch + 1,
+                        "encoder": encoder.state_dict(),
+                        "loss": criterion.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": ranks_rng[0],
+                        "rng_ranks": ranks_rng,
+                        "history": history,
+                        "best_score": best_score,
+                        "best_epoch": best_epoch,
+                        "stale": stale,
+                        "best_val": best_val,
+                        "best_state": best_state,
+                        "sampler_labels": list(getattr(sampler, "labels", []) or []) or None,
+                        "config": config.to_dict(),
+                    },
+                    last_path,
+                )
             if config.patience is not None and stale >= config.patience:
                 log.info("early stopping: no validation improvement for %d epochs", stale)
                 break
@@ -722,14 +753,16 @@ def train(
         "evaluated_split": final_split if test_report is not None else None,
         "test": test_report,
     }
+    metrics["world_size"] = world
     save_best({
         "best_epoch": best_epoch, "val": best_val, "minutes": minutes,
         "test": _summary(test_report) if test_report is not None else None,
     })  # fmt: skip
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _write_plots(run_dir, history, test_report, final_split, encoder, datasets, classes, config,
-                 device, channels_last, amp_dtype)  # fmt: skip
-    if progress is not None:
+    if main:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        _write_plots(run_dir, history, test_report, final_split, encoder, datasets, classes,
+                     config, device, channels_last, amp_dtype)  # fmt: skip
+    if progress is not None and main:
         progress(1.0)
     if test_report is not None:
         s = _summary(test_report)
