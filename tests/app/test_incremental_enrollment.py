@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-import app.services.references as references_service
+import app.services.uploads as uploads_service
 import app.state as state_module
 from app.config import Settings
 from app.main import create_app
@@ -57,7 +57,7 @@ def test_enrollment_and_deletion_update_the_index_in_place(
 
     builds = counting(monkeypatch, state_module.ServiceState, "_build")
     read_backs = counting(monkeypatch, state_module, "decode_image")
-    decodes = counting(monkeypatch, references_service, "decode_image")
+    decodes = counting(monkeypatch, uploads_service, "decode_image")
     added = enroll(client, headers["clinician"], "disc", [query, synthetic_xray("disc", seed=778)])
     assert len(decodes) == 2  # one decode per uploaded file ...
     assert read_backs == [] and builds == []  # ... no read-back, no rebuild
