@@ -59,7 +59,7 @@ def test_thumbnail_is_bounded_pixels_only_and_true_to_the_image(
 def test_dicom_thumbnail_carries_no_identifiers(
     client: TestClient, headers: dict[str, dict[str, str]]
 ) -> None:
-    data = dicom_bytes(3, (40, 20), patient_name="DOE^JANE", patient_id="PID-4711-0815")
+    data = dicom_bytes(3, (80, 40), patient_name="DOE^JANE", patient_id="PID-4711-0815")
     ref_id = _enroll(client, headers["clinician"], "scan.dcm", data)
     response = client.get(f"/references/{ref_id}/image?size=32", headers=headers["reader"])
     assert response.status_code == 200
