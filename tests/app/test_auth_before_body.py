@@ -99,7 +99,7 @@ def test_stalled_upload_gets_408_and_frees_the_connection(live) -> None:
     clinician = new_key(app, "clinician")
     sock = _send_headers(port, "/references", {**MULTIPART, "X-API-Key": clinician}, 10_000)
     try:
-        sock.sendall(b"--xyz\r\nContent-Disposition: form-data; name=\"label\"\r\n\r\nx\r\n")
+        sock.sendall(b'--xyz\r\nContent-Disposition: form-data; name="label"\r\n\r\nx\r\n')
         status, elapsed, raw = _status(sock, timeout=10)  # then nothing more is sent
     finally:
         sock.close()
