@@ -187,8 +187,8 @@ class AuthBeforeBodyMiddleware:
     def _role_for(self, scope: Scope) -> str | None:
         from starlette.routing import Match
 
-        router = getattr(scope.get("app"), "router", None)
-        for route in getattr(router, "routes", ()):
+        state = getattr(scope.get("app"), "state", None)
+        for route in getattr(state, "guarded_routes", ()):
             match, _child = route.matches(scope)
             if match is Match.FULL:
                 key = id(route)
@@ -436,11 +436,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware, limit=settings.max_request_bytes, timeout_s=settings.body_timeout_s
     )
     app.add_middleware(RequestIdMiddleware, observer=app.state.metrics.observe_request)
-    app.include_router(health.router)
-    app.include_router(references.router)
-    app.include_router(classes.router)
-    app.include_router(audit.router)
-    app.include_router(web_router)
+    routers = [health.router, references.router, classes.router, audit.router, web_router]
     for module_name in OPTIONAL_ROUTERS:
         try:
             module = importlib.import_module(module_name)
@@ -449,5 +445,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise
             logger.debug("optional router %s not present", module_name)
             continue
-        app.include_router(module.router)
+        routers.append(module.router)
+    for router in routers:
+        app.include_router(router)
+    # The routes as declared (FastAPI may wrap included routers): the body guard matches them.
+    app.state.guarded_routes = [route for router in routers for route in router.routes]
     return app
