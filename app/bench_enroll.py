@@ -40,13 +40,12 @@ import httpx
 import numpy as np
 import typer
 
-from app.bench import BENCH_CLASSES, _free_port, _synthetic_image
+from app.bench import BENCH_CLASSES, DEFAULT_CHECKPOINT, _free_port, _synthetic_image
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EnrollRow", "bench_enroll_command", "run_enroll_bench"]
 
-DEFAULT_CHECKPOINT = Path("runs/default/encoder.pt")
 READY_TIMEOUT_S = 900.0
 SEED_BATCH = 5000
 
