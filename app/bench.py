@@ -2,8 +2,9 @@
 
 What it does, so the numbers mean something:
 
-1. A temp data dir with a fresh SQLite database; a model (the given checkpoint, or a small
-   freshly initialised `resnet9_half` at 128 px) registered and activated; a few synthetic
+1. A temp data dir with a fresh SQLite database; a model (`--checkpoint`, by default the shipped
+   recipe's `runs/default/encoder.pt`; `--fresh-model` for a small freshly initialised
+   `resnet9_half` at 128 px in smoke tests) registered and activated; a few synthetic
    references per class enrolled through the service functions (same path as the API).
 2. The real service: `uvicorn app.main:create_app --factory` in a subprocess on a free loopback
    port, waited for until `/ready` answers 200.
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["BenchRow", "bench_predict_command", "run_predict_bench"]
 
 READY_TIMEOUT_S = 120.0
+#: Where the README's quick start writes the shipped recipe's model.
+DEFAULT_CHECKPOINT = Path("runs/default/encoder.pt")
 REQUEST_TIMEOUT_S = 120.0
 BENCH_CLASSES = ("disc", "stripes", "grid")
 
@@ -421,8 +424,18 @@ def bench_predict_command(
     out: Annotated[Path | None, typer.Option(help="Write the rows as JSON here.")] = None,
     checkpoint: Annotated[
         Path | None,
-        typer.Option(help="Checkpoint to serve (default: a freshly initialised resnet9_half)."),
-    ] = None,
+        typer.Option(
+            help="Checkpoint to serve: the shipped recipe's model (`cxr train ... --out "
+            "runs/default`). --fresh-model serves a freshly initialised resnet9_half instead."
+        ),
+    ] = DEFAULT_CHECKPOINT,
+    fresh_model: Annotated[
+        bool,
+        typer.Option(
+            "--fresh-model",
+            help="Serve a small freshly initialised model (smoke tests; not the shipped model).",
+        ),
+    ] = False,
     references_per_class: Annotated[
         int, typer.Option(min=1, help="Synthetic references enrolled per class (3 classes).")
     ] = 8,
@@ -433,8 +446,15 @@ def bench_predict_command(
     """Benchmark POST /predict on the real service; prints a table and writes JSON rows."""
     client_counts = _parse_clients(clients)
     modes = [part.strip().lower() in ("1", "true", "yes") for part in explain.split(",")]
-    if checkpoint is not None and not checkpoint.is_file():
-        typer.echo(f"error: checkpoint {checkpoint} does not exist", err=True)
+    if fresh_model:
+        checkpoint = None
+    elif checkpoint is None or not checkpoint.is_file():
+        typer.echo(
+            f"error: checkpoint {checkpoint} does not exist; train the shipped recipe "
+            "(`cxr train --data ... --out runs/default`), pass --checkpoint CKPT, or "
+            "--fresh-model for a freshly initialised one",
+            err=True,
+        )
         raise typer.Exit(code=2)
     from app.logging import configure_logging
 

@@ -336,6 +336,9 @@ def register(cli: typer.Typer, bench: typer.Typer) -> None:
         models_app.command("activate")(activate)
         cli.add_typer(models_app, name="models")
         bench.command("predict")(bench_predict_command)
+        from app.bench_enroll import bench_enroll_command
+
+        bench.command("enroll")(bench_enroll_command)
     worker = _optional("app.jobs.worker", "worker_command")
     if worker is not None:
         cli.command("worker")(worker[0])

@@ -3,7 +3,10 @@
 `ModelBundle` is immutable: an encoder (eval mode, on the chosen device), its `Preprocessing`,
 a `ReferenceIndex` over every enrolled reference embedded by *that* encoder, and the
 `model_version` / `index_version` it was built from. `ServiceState` holds the current bundle in
-one attribute. A refresh builds a complete new bundle first (load the checkpoint if the active
+one attribute. A reference change made by this process moves the bundle forward by exactly that
+change (a copy-on-write `ReferenceIndex.fork()` + add/remove, no database read, no image read);
+a change made elsewhere forks the previous index and applies the difference with the database.
+Either way a refresh builds a complete new bundle first (load the checkpoint if the active
 version changed, fetch or compute the embeddings, build the index) and only then assigns it, so
 a prediction never sees a half-built index or a half-loaded model: it took its reference to a
 bundle at the start and uses that one throughout.

@@ -27,6 +27,7 @@ def test_bench_predict_smoke(data_dir: Path, tmp_path: Path) -> None:
             "1",
             "--references-per-class",
             "3",
+            "--fresh-model",
             "--out",
             str(out),
         ],
@@ -47,3 +48,13 @@ def test_bench_predict_smoke(data_dir: Path, tmp_path: Path) -> None:
         assert row["p99_ms"] >= row["p50_ms"]
         assert row["bare_p50_ms"] > 0
     assert "| clients | explain |" in result.stdout
+
+
+def test_bench_predict_needs_a_real_checkpoint(tmp_path: Path) -> None:
+    """The default is the shipped recipe's model, never a silent random one."""
+    from app.cli import cli
+
+    missing = tmp_path / "nope.pt"
+    result = CliRunner().invoke(cli, ["bench", "predict", "--checkpoint", str(missing)])
+    assert result.exit_code == 2
+    assert "--fresh-model" in result.output and "runs/default" in result.output
