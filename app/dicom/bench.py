@@ -239,13 +239,16 @@ def run_dicom_bench(
             },
         ]
     finally:
-        if listener is not None:
-            listener.terminate()
-            try:
-                listener.wait(30)
-            except subprocess.TimeoutExpired:
-                listener.kill()
-        orthanc.stop()
+        try:
+            if listener is not None:
+                listener.terminate()
+                try:
+                    listener.wait(120)
+                except subprocess.TimeoutExpired:
+                    listener.kill()
+                    listener.wait(30)
+        finally:
+            orthanc.stop()
         if tmp is not None:
             tmp.cleanup()
     return rows

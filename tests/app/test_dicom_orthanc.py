@@ -113,14 +113,16 @@ def test_c_store_in_sr_and_overlay_out(tmp_path: Path, make_settings, checkpoint
             _check_sr(orthanc, source.StudyInstanceUID, source, "stripes")
             assert count(app, DicomDelivery, DicomDelivery.status == "delivered") == 2
     finally:
-        if listener is not None:
-            listener.terminate()  # SIGTERM: a clean stop, slow on a busy machine
-            try:
-                listener.wait(120)
-            except subprocess.TimeoutExpired:
-                listener.kill()
-                listener.wait(30)
-        orthanc.stop()
+        try:
+            if listener is not None:
+                listener.terminate()  # SIGTERM: a clean stop, slow on a busy machine
+                try:
+                    listener.wait(120)
+                except subprocess.TimeoutExpired:
+                    listener.kill()
+                    listener.wait(30)
+        finally:
+            orthanc.stop()
 
 
 def _echo_ok(orthanc: Orthanc) -> bool:
