@@ -169,7 +169,11 @@ def run_dicom_bench(
             stdout=subprocess.DEVNULL,
             stderr=log_path.open("wb"),
         )
-        _wait(lambda: _echo(orthanc), "the listener to answer C-ECHO", timeout=300)
+        try:
+            _wait(lambda: _echo(orthanc), "the listener to answer C-ECHO", timeout=600)
+        except RuntimeError as exc:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{exc}; the listener's log:\n{tail}") from exc
         files = [_dicom_instance(i, image_size) for i in range(instances)]
         stored = [orthanc.upload(data) for data, _study in files]
         warm = _dicom_instance(10_000, image_size)
@@ -239,13 +243,16 @@ def run_dicom_bench(
             },
         ]
     finally:
-        if listener is not None:
-            listener.terminate()
-            try:
-                listener.wait(30)
-            except subprocess.TimeoutExpired:
-                listener.kill()
-        orthanc.stop()
+        try:
+            if listener is not None:
+                listener.terminate()
+                try:
+                    listener.wait(120)
+                except subprocess.TimeoutExpired:
+                    listener.kill()
+                    listener.wait(30)
+        finally:
+            orthanc.stop()
         if tmp is not None:
             tmp.cleanup()
     return rows
