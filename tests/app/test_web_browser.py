@@ -32,7 +32,7 @@ import pytest
 
 from app.config import Settings
 from app.main import create_app
-from tests.app.conftest import TEST_SECRET, new_key
+from tests.app.conftest import TEST_SECRET, dicom_bytes, new_key
 from tests.app.conftest_predict import synthetic_xray
 from tests.conftest import _missing
 
@@ -107,6 +107,7 @@ def live(chromium_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     import uvicorn
 
     from app.db.migrate import prepare_database
+    from app.quickstart import load_train_split
     from app.services.models import register_model
     from app.services.references import import_references
     from training.train import TrainConfig, train
@@ -114,7 +115,8 @@ def live(chromium_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     root = tmp_path_factory.mktemp("web")
     data = write_synthetic_folder(root / "train", per_class=10, seed0=0)
     queries = write_synthetic_folder(root / "queries", per_class=3, seed0=500)
-    result = train(TrainConfig(data=str(data), out=str(root / "run"), **TINY_TRAINING))
+    config = TrainConfig(data=[str(data)], out=str(root / "run"), **TINY_TRAINING)  # type: ignore[arg-type]
+    result = train(config, samples=load_train_split([data], config))
 
     settings = Settings(data_dir=root / "var", secret_key=TEST_SECRET, device="cpu", log_json=False)
     factory = prepare_database(settings)
@@ -197,9 +199,9 @@ def sign_in(page: Any, live: LiveService, role: str) -> None:
 
 
 DROP_AND_WAIT_FOR_OVERLAY = """
-async ({b64, name}) => {
+async ({b64, name, type}) => {
   const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-  const file = new File([bytes], name, {type: "image/png"});
+  const file = new File([bytes], name, {type});
   const transfer = new DataTransfer();
   transfer.items.add(file);
   const overlay = document.getElementById("overlay-img");
@@ -222,10 +224,12 @@ def wait_until(page: Any, expression: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def drop_image(page: Any, path: Path) -> float:
+def drop_image(page: Any, path: Path, mime: str = "image/png") -> float:
     """Drop a file on the Diagnose page like a user would; ms until the overlay is shown."""
     b64 = base64.b64encode(path.read_bytes()).decode()
-    return float(page.evaluate(DROP_AND_WAIT_FOR_OVERLAY, {"b64": b64, "name": path.name}))
+    return float(
+        page.evaluate(DROP_AND_WAIT_FOR_OVERLAY, {"b64": b64, "name": path.name, "type": mime})
+    )
 
 
 def test_clinician_workflow_in_a_real_browser(page: Any, live: LiveService, tmp_path: Path) -> None:
@@ -257,7 +261,22 @@ def test_clinician_workflow_in_a_real_browser(page: Any, live: LiveService, tmp_
     page.fill("#opacity", "30")
     page.dispatch_event("#opacity", "input")
     assert page.evaluate("document.getElementById('overlay-img').style.opacity") == "0.3"
+    assert page.is_hidden("#unknown-banner")
     page.screenshot(path=str(shots / "diagnose.png"), full_page=True)
+
+    # A DICOM: the browser cannot show it, the service's overlay can; the unknown banner
+    # follows the API's flag for the same file.
+    dicom = tmp_path / "scan.dcm"
+    dicom.write_bytes(dicom_bytes(5, (64, 48)))
+    drop_image(page, dicom, "application/dicom")
+    assert page.is_hidden("#upload-img") and page.is_visible("#overlay-img")
+    assert page.evaluate("document.getElementById('overlay-img').naturalWidth") == 64
+    flagged = httpx.post(
+        live.url + "/predict?explain=false",
+        headers=admin,
+        files={"file": ("scan.dcm", dicom.read_bytes(), "application/dicom")},
+    ).json()["unknown"]
+    assert page.is_visible("#unknown-banner") == flagged
 
     # An unreadable upload: the API's words, shown as they are.
     bad = tmp_path / "notes.png"
