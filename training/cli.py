@@ -146,6 +146,9 @@ def train_command(
     compile_step: bool = typer.Option(
         False, "--compile", help="torch.compile the training step (CPU: needs a C++ compiler)."
     ),
+    cache_dir: Path | None = typer.Option(
+        None, help="Decode once into a memory-mapped uint8 cache here; augment on the device."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Train a siamese (metric-learning) encoder and write RUN_DIR/encoder.pt, metrics and plots."""
@@ -165,7 +168,7 @@ def train_command(
             image_size=image_size, batch_size=batch_size, device=device, seed=seed,
             weights=str(weights) if weights else None, resume=resume, lr=lr,
             patience=patience or None, workers=workers, threads=threads, progress_bar=progress_bar,
-            compile=compile_step,
+            compile=compile_step, cache_dir=str(cache_dir) if cache_dir else None,
         )  # fmt: skip
         config.validate()
         if not data.exists():

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from training import distributed as ddp
+from training.cache import DeviceBatches, cached_splits
 from training.checkpoint import atomic_torch_save, save_checkpoint
 from training.data import (
     Sample,
@@ -54,6 +55,7 @@ from training.data import (
 )
 from training.encoders import create_encoder, list_encoders
 from training.evaluate import embed_tensors, evaluate_embeddings
+from training.gpu_augment import BatchAugmentation
 from training.losses import create_loss, list_losses
 from training.preprocess import Preprocessing, train_augmentation
 
@@ -105,6 +107,8 @@ class TrainConfig:
     resume: bool = False
     progress_bar: bool | None = None  # None: only when stderr is a terminal
     compile: bool = False  # torch.compile the training step (needs a C++ compiler on CPU)
+    # Decode once into a memory-mapped uint8 cache there; batches augmented on the device.
+    cache_dir: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable) of every field."""
@@ -364,11 +368,17 @@ def train(
     classes = class_names([s for split in splits.values() for s in split])
     spec = Preprocessing(image_size=config.image_size, mean=config.mean, std=config.std)
     log.info("decoding and caching %s", summarise(splits))
-    datasets = {
-        name: XrayDataset(items, classes, spec, augment=False)
-        for name, items in splits.items()
-        if items
-    }
+    if config.cache_dir:  # training/cache.py: one decoder per node, every rank maps the file
+        datasets: dict[str, Any] = cached_splits(
+            splits, classes, spec, config.cache_dir, build=dctx.local_rank == 0,
+            barrier=dctx.barrier,
+        )  # fmt: skip
+    else:
+        datasets = {
+            name: XrayDataset(items, classes, spec, augment=False)
+            for name, items in splits.items()
+            if items
+        }
     train_set = datasets["train"]
     n_train_classes = len(np.unique(train_set.labels))
     m_per_class = config.m_per_class or max(2, config.batch_size // n_train_classes)
@@ -386,14 +396,21 @@ def train(
         sampler, groups=train_set.labels, global_batch=global_batch, rank=dctx.rank,
         world_size=world, steps=steps_per_epoch,
     )  # fmt: skip
-    augment = train_augmentation(spec) if config.augment else None
-    loader = DataLoader(
-        _Augmented(train_set, augment),
-        batch_sampler=batches,
-        num_workers=workers,
-        pin_memory=on_cuda,
-        persistent_workers=workers > 0,
-    )
+    loader: Any
+    if config.cache_dir:  # gather from the map, augment the whole batch on the device
+        loader = DeviceBatches(
+            train_set, batches, device=device, channels_last=channels_last,
+            augment=BatchAugmentation(spec) if config.augment else None,
+        )  # fmt: skip
+    else:
+        augment = train_augmentation(spec) if config.augment else None
+        loader = DataLoader(
+            _Augmented(train_set, augment),
+            batch_sampler=batches,
+            num_workers=workers,
+            pin_memory=on_cuda,
+            persistent_workers=workers > 0,
+        )
 
     # ---- model, loss, optimiser ---------------------------------------------------------
     encoder = create_encoder(
