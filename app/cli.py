@@ -10,7 +10,12 @@ import typer
 
 from app.commands import register as register_service_commands
 from index.bench import bench_index_command
-from training.cli import bench_train_command, evaluate_command, train_command
+from training.cli import (
+    bench_throughput_command,
+    bench_train_command,
+    evaluate_command,
+    train_command,
+)
 
 cli = typer.Typer(
     name="cxr",
@@ -25,6 +30,7 @@ cli.command("train")(train_command)
 cli.command("evaluate")(evaluate_command)
 bench.command("train")(bench_train_command)
 bench.command("index")(bench_index_command)
+bench.command("throughput")(bench_throughput_command)
 
 # Service commands (serve, worker, keys, models, references, bench predict).
 register_service_commands(cli, bench)
