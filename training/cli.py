@@ -373,7 +373,8 @@ def bench_throughput_command(
         out.write_text(json.dumps(rows, indent=2))
     table = Table(title=f"cxr bench throughput ({data})")
     cols = ("encoder", "image_size", "batch", "device", "images_per_s", "synthetic_images_per_s",
-            "efficiency", "peak_memory_mb", "uncached_images_per_s", "cache_speedup",
+            "efficiency", "peak_memory_mb", "ram_images_per_s", "uncached_images_per_s",
+            "cache_speedup",
             "pipeline_images_per_s", "ram_pipeline_images_per_s",
             "uncached_pipeline_images_per_s")  # fmt: skip
     for col in cols:

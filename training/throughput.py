@@ -8,7 +8,9 @@ backward, AdamW) three ways, on the same model and batch size:
   (training/gpu_augment.py), normalised; class-balanced batches;
 - ``synthetic_images_per_s``: random tensors already on the device (the ceiling: no input
   pipeline at all); ``efficiency`` is the ratio of the two;
-- ``uncached_images_per_s``: the pipeline without the cache, decoding and resizing every image
+- ``ram_images_per_s``: ``cxr train`` without ``--cache-dir`` (float tensors decoded once into
+  RAM, per-image augmentation on the CPU in the loader);
+- ``uncached_images_per_s``: the pipeline without any cache, decoding and resizing every image
   every epoch and augmenting per image on the CPU (torchvision ``v2``), which is what epochs
   after the first cost without it; ``cache_speedup`` is ``images_per_s`` over it, and
   ``cache_build_s`` the one-off decode that the first epoch pays instead (``cache_open_s``: what
@@ -215,6 +217,9 @@ def run_throughput_bench(
                 "real": _forever(cached),
                 "synthetic": _forever(lambda f=fixed: [f]),
             }
+            # `cxr train` without --cache-dir: float tensors in RAM, per-image CPU augmentation.
+            ram = XrayDataset(cache.samples, classes, spec, augment=True, cache=True)
+            feeds["ram"] = _forever(lambda r=ram: _loader_batches(r, batches_of()))
             if uncached:  # decode + resize + per-image CPU augmentation (v2), every epoch
                 plain = XrayDataset(cache.samples, classes, spec, augment=True, cache=False)
                 feeds["uncached"] = _forever(lambda p=plain: _loader_batches(p, batches_of()))
@@ -226,11 +231,7 @@ def run_throughput_bench(
                 {k: (step, v) for k, v in feeds.items()}, rounds, steps, warmup, device
             )
             noop: Callable[[torch.Tensor, torch.Tensor], None] = lambda x, y: None  # noqa: E731
-            ram = XrayDataset(cache.samples, classes, spec, augment=True, cache=True)
-            pipes = {
-                "real": feeds["real"],
-                "ram": _forever(lambda r=ram: _loader_batches(r, batches_of())),
-            }
+            pipes = {"real": feeds["real"], "ram": feeds["ram"]}
             if uncached:
                 pipes["uncached"] = feeds["uncached"]
             pipe_rate = _interleaved(
@@ -248,6 +249,7 @@ def run_throughput_bench(
                 "cache_open_s": round(open_s, 2), "threads": torch.get_num_threads(),
                 "pipeline_images_per_s": round(pipe_rate["real"], 1),
                 "ram_pipeline_images_per_s": round(pipe_rate["ram"], 1),
+                "ram_images_per_s": round(train_rate["ram"], 1),
             }  # fmt: skip
             if uncached:
                 row.update(

@@ -29,7 +29,8 @@ def test_bench_throughput_rows(tmp_path: Path) -> None:
         "resnet9_half", 32, 8, "cpu"
     )  # fmt: skip
     rates = ("images_per_s", "synthetic_images_per_s", "uncached_images_per_s",
-             "pipeline_images_per_s", "ram_pipeline_images_per_s", "peak_memory_mb")  # fmt: skip
+             "pipeline_images_per_s", "ram_pipeline_images_per_s", "ram_images_per_s",
+             "peak_memory_mb")  # fmt: skip
     for key in rates:
         assert row[key] > 0, key
     assert row["efficiency"] == pytest.approx(
