@@ -18,6 +18,12 @@ the images, plain accuracy would ignore it).
 
 On CUDA the forward/backward run under bf16 autocast with channels_last tensors; on CPU in
 float32. Only the CPU path was exercised in this project's development (no GPU was available).
+
+Under torchrun (``cxr train --nproc N``) the same function runs in every process with
+DistributedDataParallel: ``batch_size`` is per process, each rank takes its share of the same
+global balanced batches, only rank 0 writes the run directory (training/distributed.py).
+With ``cache_dir`` the images come from a decode-once memory-mapped cache and each batch is
+augmented on the device (training/cache.py, training/gpu_augment.py).
 """
 
 from __future__ import annotations
