@@ -13,6 +13,7 @@ from app.dicom.cli import bench_dicom_command, dicom_app
 from index.bench import bench_index_command
 from training.cli import (
     bench_adapt_command,
+    bench_throughput_command,
     bench_train_command,
     evaluate_command,
     train_command,
@@ -34,6 +35,7 @@ bench.command("adapt")(bench_adapt_command)
 bench.command("index")(bench_index_command)
 cli.add_typer(dicom_app, name="dicom")
 bench.command("dicom")(bench_dicom_command)
+bench.command("throughput")(bench_throughput_command)
 
 # Service commands (serve, worker, keys, models, references, bench predict).
 register_service_commands(cli, bench)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "bench_adapt_command",
+    "bench_throughput_command",
     "bench_train_command",
     "evaluate_command",
     "train_command",
@@ -177,6 +178,9 @@ def train_command(
     compile_step: bool = typer.Option(
         False, "--compile", help="torch.compile the training step (CPU: needs a C++ compiler)."
     ),
+    cache_dir: Path | None = typer.Option(
+        None, help="Decode once into a memory-mapped uint8 cache here; augment on the device."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Train a siamese (metric-learning) encoder and write RUN_DIR/encoder.pt, metrics and plots."""
@@ -198,7 +202,7 @@ def train_command(
             init_from=str(init_from) if init_from else None, crop=crop, equalize=equalize,
             erase_p=erase_p,
             patience=patience or None, workers=workers, threads=threads, progress_bar=progress_bar,
-            compile=compile_step,
+            compile=compile_step, cache_dir=str(cache_dir) if cache_dir else None,
         )  # fmt: skip
         config.validate()
         _check_sources(data)
@@ -394,6 +398,60 @@ def bench_adapt_command(
             _fmt(r["covid_false_positive_rate"]), _fmt(r["vendor_balanced_accuracy"]),
             _fmt(r["minutes"]),
         )  # fmt: skip
+    _console.print(table)
+    _console.print(f"wrote {out}", highlight=False)
+
+
+def bench_throughput_command(
+    data: Path = typer.Option(..., "--data", help="Data source whose images feed the pipeline."),
+    models: str = typer.Option(
+        "resnet18:224,covidnet:160,densenet121:224", help="Comma-separated ENCODER:IMAGE_SIZE."
+    ),
+    batch_size: int = typer.Option(256, min=2, help="Class-balanced batch size."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    steps: int = typer.Option(20, min=1, help="Timed training steps per measurement."),
+    warmup: int = typer.Option(3, min=0, help="Untimed steps first (cudnn autotune, compile)."),
+    limit: int | None = typer.Option(None, min=1, help="Use this many images (random subset)."),
+    cache_dir: Path | None = typer.Option(None, help="Tensor cache (default: a temporary one)."),
+    compile_step: bool = typer.Option(False, "--compile", help="torch.compile the step."),
+    uncached: bool = typer.Option(
+        True, "--uncached/--no-uncached", help="Also time decoding every epoch (no cache)."
+    ),
+    rounds: int = typer.Option(3, min=1, help="Rounds of every mode in turn (median kept)."),
+    threads: int | None = typer.Option(None, min=1, help="torch CPU threads (default: idle)."),
+    out: Path = typer.Option(Path("runs/bench/throughput.json"), "--out", help="JSON rows."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:  # fmt: skip
+    """Training images/s: real pipeline vs tensors already on the device (and vs no cache)."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from training.throughput import parse_models, run_throughput_bench
+        from training.train import default_threads, resolve_device
+
+        parsed = parse_models(models)
+        if not data.exists():
+            raise FileNotFoundError(f"--data {data} does not exist")
+        dev = resolve_device(device)
+        import torch
+
+        torch.set_num_threads(threads or default_threads())
+        rows = run_throughput_bench(
+            data=data, models=parsed, batch_size=batch_size, device=dev, steps=steps,
+            warmup=warmup, limit=limit, cache_dir=cache_dir, compile_step=compile_step,
+            uncached=uncached, rounds=rounds,
+        )  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2))
+    table = Table(title=f"cxr bench throughput ({data})")
+    cols = ("encoder", "image_size", "batch", "device", "images_per_s", "synthetic_images_per_s",
+            "efficiency", "peak_memory_mb", "ram_images_per_s", "uncached_images_per_s",
+            "cache_speedup",
+            "pipeline_images_per_s", "ram_pipeline_images_per_s",
+            "uncached_pipeline_images_per_s")  # fmt: skip
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("encoder", "device") else "right")
+    for r in rows:
+        table.add_row(*(_fmt(r.get(c)) for c in cols))
     _console.print(table)
     _console.print(f"wrote {out}", highlight=False)
 

@@ -18,6 +18,12 @@ the images, plain accuracy would ignore it).
 
 On CUDA the forward/backward run under bf16 autocast with channels_last tensors; on CPU in
 float32. Only the CPU path was exercised in this project's development (no GPU was available).
+
+Under torchrun (``cxr train --nproc N``) the same function runs in every process with
+DistributedDataParallel: ``batch_size`` is per process, each rank takes its share of the same
+global balanced batches, only rank 0 writes the run directory (training/distributed.py).
+With ``cache_dir`` the images come from a decode-once memory-mapped cache and each batch is
+augmented on the device (training/cache.py, training/gpu_augment.py).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from training import distributed as ddp
+from training.cache import DeviceBatches, cached_splits
 from training.checkpoint import atomic_torch_save, read_checkpoint, save_checkpoint
 from training.data import (
     Sample,
@@ -54,6 +61,7 @@ from training.data import (
 )
 from training.encoders import create_encoder, list_encoders, load_weights
 from training.evaluate import embed_tensors, evaluate_embeddings
+from training.gpu_augment import BatchAugmentation
 from training.losses import create_loss, list_losses
 from training.preprocess import Preprocessing, train_augmentation
 
@@ -129,6 +137,8 @@ class TrainConfig:
     resume: bool = False
     progress_bar: bool | None = None  # None: only when stderr is a terminal
     compile: bool = False  # torch.compile the training step (needs a C++ compiler on CPU)
+    # Decode once into a memory-mapped uint8 cache there; batches augmented on the device.
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str | Path):
@@ -484,11 +494,17 @@ def train(
     classes = class_names([s for split in splits.values() for s in split])
     spec = config.preprocessing()
     log.info("decoding and caching %s", summarise(splits))
-    datasets = {
-        name: XrayDataset(items, classes, spec, augment=False)
-        for name, items in splits.items()
-        if items
-    }
+    if config.cache_dir:  # training/cache.py: one decoder per node, every rank maps the file
+        datasets: dict[str, Any] = cached_splits(
+            splits, classes, spec, config.cache_dir, build=dctx.local_rank == 0,
+            barrier=dctx.barrier,
+        )  # fmt: skip
+    else:
+        datasets = {
+            name: XrayDataset(items, classes, spec, augment=False)
+            for name, items in splits.items()
+            if items
+        }
     train_set = datasets["train"]
     # Balance label x source: with one source these are the classes.
     n_groups = len(np.unique(train_set.groups))
@@ -507,14 +523,21 @@ def train(
         sampler, groups=train_set.groups, global_batch=global_batch, rank=dctx.rank,
         world_size=world, steps=steps_per_epoch,
     )  # fmt: skip
-    augment = train_augmentation(spec, erase_p=config.erase_p) if config.augment else None
-    loader = DataLoader(
-        _Augmented(train_set, augment),
-        batch_sampler=batches,
-        num_workers=workers,
-        pin_memory=on_cuda,
-        persistent_workers=workers > 0,
-    )
+    loader: Any
+    if config.cache_dir:  # gather from the map, augment the whole batch on the device
+        loader = DeviceBatches(
+            train_set, batches, device=device, channels_last=channels_last,
+            augment=BatchAugmentation(spec) if config.augment else None,
+        )  # fmt: skip
+    else:
+        augment = train_augmentation(spec, erase_p=config.erase_p) if config.augment else None
+        loader = DataLoader(
+            _Augmented(train_set, augment),
+            batch_sampler=batches,
+            num_workers=workers,
+            pin_memory=on_cuda,
+            persistent_workers=workers > 0,
+        )
 
     # ---- loss, optimiser -----------------------------------------------------------------
     encoder = encoder.to(device)
