@@ -131,11 +131,10 @@ def _check_same_deployment(
 
 def load_train_split(sources: Sequence[Path], config: Any) -> dict[str, list[Any]]:
     """Load every source and split with the recipe's fractions and seed (train/val/test)."""
-    from training.data import load_source, split_samples
+    from training.data import load_sources, split_samples
 
-    samples = [sample for src in sources for sample in load_source(Path(src))]
     return split_samples(
-        samples,
+        load_sources([Path(src) for src in sources]),
         val_fraction=config.val_fraction,
         test_fraction=config.test_fraction,
         seed=config.seed,
@@ -260,15 +259,27 @@ def run_quickstart(
             references = state["references"]
             report("enroll", 1, 1)
         else:
-            manifest = _write_manifest(work / "train_split.csv", splits()["train"])
-            with factory() as session:
-                imported = import_references(
-                    session=session,
-                    source=manifest,
-                    settings=settings,
-                    progress=lambda d, t: report("enroll", d, t),
-                )
-            references = dataclasses.asdict(imported)
+            # One import per source, under its name: the retrain balances label x source, so
+            # the references must say which pack (hospital) each came from.
+            train_split = splits()["train"]
+            names = sorted({str(x.source or "") for x in train_split})
+            totals = {"total": 0, "enrolled": 0, "duplicates": 0, "skipped": 0}
+            for i, name in enumerate(names):
+                part = [x for x in train_split if str(x.source or "") == name]
+                manifest = _write_manifest(work / f"train_split_{i}.csv", part)
+                with factory() as session:
+                    imported = import_references(
+                        session=session,
+                        source=manifest,
+                        settings=settings,
+                        progress=lambda d, t, base=totals["total"]: report(
+                            "enroll", base + d, len(train_split)
+                        ),
+                        source_name=name or None,
+                    )
+                for key, value in dataclasses.asdict(imported).items():
+                    totals[key] += value
+            references = totals
             state["references"] = references
             _mark(state, "enroll", state_path)
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.config import get_settings
+from app.db import Reference
 from app.main import create_app
 from tests.app.conftest_predict import make_test_checkpoint, post_predict, synthetic_xray
 from tests.app.test_web_browser import write_synthetic_folder
@@ -56,6 +57,8 @@ def test_quickstart_trains_enrolls_and_answers(data_dir: Path, source: Path) -> 
         classes = {c["label"]: c["count"] for c in client.get("/classes", headers=admin).json()}
         assert set(classes) == {"disc", "stripes"}
         assert sum(classes.values()) == state["references"]["enrolled"]
+        with app.state.sessionmaker() as session:  # each reference says which pack it came from
+            assert {r.source for r in session.query(Reference)} == {"synthetic"}
         for kind in ("disc", "stripes"):
             answer = post_predict(client, admin, synthetic_xray(kind, seed=4000), explain=False)
             assert answer.status_code == 200, answer.text
