@@ -56,6 +56,7 @@ __all__ = [
     "Explainer",
     "SearchThenExplainTarget",
     "gradcam_heatmap",
+    "heat_on_film",
     "overlay_png",
     "overlay_size",
 ]
@@ -181,6 +182,19 @@ def _jet_palette() -> tuple[int, ...]:
     return tuple(int(v) for v in lut.reshape(-1))
 
 
+def heat_on_film(heat: np.ndarray, shape: tuple[int, int], crop: float = 0.0) -> np.ndarray:
+    """The model-input map ``heat`` placed on a film of ``shape`` ``(h, w)``: resized onto the
+    region the preprocessing's border ``crop`` kept, zero on the cut borders (float32)."""
+    h, w = shape
+    top, bottom, left, right = crop_box(h, w, crop)
+    inner = Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F").resize(
+        (right - left, bottom - top), Image.Resampling.BILINEAR
+    )
+    film = np.zeros((h, w), dtype=np.float32)
+    film[top:bottom, left:right] = np.asarray(inner, dtype=np.float32)
+    return film
+
+
 def overlay_png(
     image: np.ndarray,
     heat: np.ndarray,
@@ -200,15 +214,8 @@ def overlay_png(
     out_w, out_h = overlay_size(w, h, max_side)
     gray = Image.fromarray((np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
     gray = gray.resize((out_w, out_h), Image.Resampling.BILINEAR).convert("RGB")
-    heat_idx = (np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(
-        np.uint8
-    )
-    top, bottom, left, right = crop_box(out_h, out_w, crop)
-    inner = Image.fromarray(heat_idx, mode="L").resize(
-        (right - left, bottom - top), Image.Resampling.BILINEAR
-    )
-    colour = Image.new("L", (out_w, out_h), 0)
-    colour.paste(inner, (left, top))
+    film = heat_on_film(heat, (out_h, out_w), crop)
+    colour = Image.fromarray((np.clip(film, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
     colour = colour.convert("P")
     colour.putpalette(_jet_palette())
     blended = Image.blend(gray, colour.convert("RGB"), HEAT_ALPHA)

@@ -51,27 +51,10 @@ def mass_shares(heat_on_film: np.ndarray) -> tuple[float, float]:
     return float(inside.sum()) / total, border
 
 
-def film_heat(heat: np.ndarray, shape: tuple[int, int], crop: float) -> np.ndarray:
-    """The model-input map placed on a film of ``shape`` (zero where the crop cut)."""
-    import torch
-    import torch.nn.functional as F
-
-    from training.preprocess import crop_box
-
-    h, w = shape
-    top, bottom, left, right = crop_box(h, w, crop)
-    inner = F.interpolate(
-        torch.from_numpy(heat)[None, None], size=(bottom - top, right - left), mode="bilinear"
-    )[0, 0].numpy()
-    out = np.zeros(shape, dtype=np.float32)
-    out[top:bottom, left:right] = inner
-    return out
-
-
 def run(checkpoint: Path, data: Sequence[Path], *, per_source: int, seed: int) -> dict[str, Any]:
     import torch
 
-    from app.gradcam import gradcam_heatmap
+    from app.gradcam import gradcam_heatmap, heat_on_film
     from training.checkpoint import load_checkpoint
     from training.data import load_sources, split_samples
     from training.evaluate import embed_samples
@@ -97,7 +80,7 @@ def run(checkpoint: Path, data: Sequence[Path], *, per_source: int, seed: int) -
             target = means[int(np.argmin(((means - emb) ** 2).sum(1)))]
             heat = gradcam_heatmap(encoder, x, target)
             by_source.setdefault(str(src), []).append(
-                mass_shares(film_heat(heat, image.shape, spec.crop))
+                mass_shares(heat_on_film(heat, image.shape, spec.crop))
             )
     report = {
         "checkpoint": str(checkpoint),

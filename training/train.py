@@ -345,8 +345,9 @@ def finetune_config(init_from: str | Path, **overrides: Any) -> TrainConfig:
     return TrainConfig(**{**FINETUNE, **overrides, "init_from": str(init_from)})
 
 
-def _adopt_checkpoint(config: TrainConfig) -> TrainConfig:
-    """``config`` with the architecture and preprocessing of the checkpoint it fine-tunes.
+def _adopt_checkpoint(config: TrainConfig) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
+    """``config`` with the architecture and preprocessing of the checkpoint it fine-tunes, and
+    that checkpoint's weights (read once).
 
     A fine-tuned model must see pixels exactly as its starting point did, and its weights only
     fit the same architecture: these fields are taken from the checkpoint, not the config.
@@ -370,7 +371,7 @@ def _adopt_checkpoint(config: TrainConfig) -> TrainConfig:
         "fine-tuning %s (%s, %d px) from %s",
         adopted.encoder, adopted.loss, adopted.image_size, config.init_from,
     )  # fmt: skip
-    return adopted
+    return adopted, meta["state_dict"]
 
 
 def _make_progress(enabled: bool) -> Any:
@@ -470,13 +471,14 @@ def train(
     amp_dtype = torch.bfloat16 if on_cuda else None
 
     # ---- encoder (first: pretrained weights may fix the input scale) --------------------
+    start_state = None
     if config.init_from:
-        config = _adopt_checkpoint(config)
+        config, start_state = _adopt_checkpoint(config)
     encoder = create_encoder(
         config.encoder, embedding_dim=config.embedding_dim, **config.encoder_kwargs
     )
-    if config.init_from:
-        encoder.load_state_dict(read_checkpoint(config.init_from)["state_dict"])
+    if start_state is not None:
+        encoder.load_state_dict(start_state)
     if config.weights:
         report = load_weights(encoder, config.weights)
         if report.input_scale is not None and report.input_scale != (config.mean, config.std):

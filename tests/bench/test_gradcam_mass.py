@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.gradcam_mass import film_heat, mass_shares, run
+from app.gradcam import heat_on_film
+from bench.gradcam_mass import mass_shares, run
 from tests.training.synthetic import make_folder
 from training.checkpoint import save_checkpoint
 from training.encoders import create_encoder
@@ -24,7 +25,7 @@ def test_mass_shares_by_hand() -> None:
 
 
 def test_film_heat_leaves_the_cropped_border_cold() -> None:
-    placed = film_heat(np.ones((8, 8), np.float32), (100, 50), crop=0.1)
+    placed = heat_on_film(np.ones((8, 8), np.float32), (100, 50), crop=0.1)
     assert placed.shape == (100, 50)
     assert placed[:10].sum() == 0 and placed[:, :5].sum() == 0 and placed[50, 25] == 1.0
     assert mass_shares(placed)[1] < 0.05
