@@ -4,8 +4,10 @@ For every class ``c``: the references are the training-split embeddings of all *
 the queries are all test-split embeddings. Test images of ``c`` are "unknown" (positives), test
 images of enrolled classes "known" (negatives). Reported per held-out class:
 
-- ``auroc``: AUROC of the index's ``outlier_score`` (distance to the nearest reference of the
-  predicted class) separating unknown from known -- threshold-free quality of the score;
+- ``auroc``: AUROC of the index's ``outlier_score`` (mean distance to the predicted class)
+  separating unknown from known -- threshold-free quality of the score;
+- ``auroc_nearest``: the same for the distance to the nearest reference of the predicted class
+  (the outlier score before it became the class mean: the comparison in the same run);
 - ``auroc_nearest_any``: the same for the distance to the nearest reference of any class;
 - ``flagged_unknown`` / ``flagged_known``: fraction of each flagged ``unknown`` by the
   calibrated threshold (quantile ``--quantile`` of leave-one-out nearest same-class distances),
@@ -92,6 +94,7 @@ def unknown_class_report(
         positive = query_labels == held_out
         score = np.array([r.outlier_score for r in results])
         nearest_any = np.array([min(r.nearest.values()) for r in results])
+        nearest_pred = np.array([r.nearest[r.label] for r in results])
         flagged = np.array([r.unknown for r in results])
         rows.append(
             {
@@ -100,6 +103,7 @@ def unknown_class_report(
                 "n_unknown": int(positive.sum()),
                 "n_known": int((~positive).sum()),
                 "auroc": auroc(score, positive),
+                "auroc_nearest": auroc(nearest_pred, positive),
                 "auroc_nearest_any": auroc(nearest_any, positive),
                 "flagged_unknown": float(flagged[positive].mean()) if positive.any() else None,
                 "flagged_known": float(flagged[~positive].mean()) if (~positive).any() else None,
@@ -120,6 +124,7 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
         "n_unknown",
         "n_known",
         "auroc",
+        "auroc_nearest",
         "auroc_nearest_any",
         "flagged_unknown",
         "flagged_known",

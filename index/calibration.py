@@ -21,13 +21,13 @@ refined by golden section). This is temperature scaling on held-out predictions,
 needing a separate calibration set.
 
 The *unknown* threshold of class ``c`` is the ``quantile`` (default 0.95) of the leave-one-out
-distances from class-``c`` references to their nearest *other* class-``c`` reference. A query
-whose distance to the nearest reference of its predicted class exceeds that threshold is further
-from the class than 95 % of the class's own members are from each other, so about 5 % of
-in-distribution queries are flagged by construction and images of classes never enrolled mostly
-are. Classes with fewer than ``MIN_CLASS_SAMPLES`` such distances use the quantile of all classes'
-distances pooled; with no distances at all the threshold is 2.0 (the largest possible distance:
-nothing is flagged, and a warning is logged).
+mean distances of class-``c`` references to the *other* class-``c`` references. A query whose mean
+distance to its predicted class exceeds that threshold is less typical of the class than 95 % of
+the class's own members, so about 5 % of in-distribution queries are flagged by construction and
+images of classes never enrolled mostly are. (The mean, not the nearest, distance: see
+:mod:`index.reference_index`.) Classes with fewer than ``MIN_CLASS_SAMPLES`` such distances use
+the quantile of all classes' distances pooled; with no distances at all the threshold is 2.0 (the
+largest possible distance: nothing is flagged, and a warning is logged).
 """
 
 from __future__ import annotations
@@ -159,9 +159,9 @@ def fit_knn_calibration(
     return best[1], best[2]
 
 
-def class_thresholds(loo_nearest: dict[str, np.ndarray], quantile: float) -> dict[str, float]:
-    """Per-class unknown thresholds from leave-one-out nearest same-class distances."""
-    pooled = np.concatenate([v for v in loo_nearest.values() if len(v)] or [np.empty(0)])
+def class_thresholds(loo_distances: dict[str, np.ndarray], quantile: float) -> dict[str, float]:
+    """Per-class unknown thresholds from leave-one-out same-class distances."""
+    pooled = np.concatenate([v for v in loo_distances.values() if len(v)] or [np.empty(0)])
     if len(pooled) == 0:
         log.warning(
             "no class has two references: the unknown threshold cannot be calibrated and is set "
@@ -172,7 +172,7 @@ def class_thresholds(loo_nearest: dict[str, np.ndarray], quantile: float) -> dic
     else:
         fallback = float(np.quantile(pooled, quantile))
     out: dict[str, float] = {}
-    for label, values in loo_nearest.items():
+    for label, values in loo_distances.items():
         if len(values) >= MIN_CLASS_SAMPLES:
             out[label] = float(np.quantile(values, quantile))
         else:

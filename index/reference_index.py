@@ -9,8 +9,8 @@ Design, and why:
 - **One sub-index per class** (FAISS, inner product; exact ``IDMap2,Flat`` up to
   :data:`~index.factory.AUTO_SWITCH_SIZE` references, IVF above; see :mod:`index.factory`).
   The overall k nearest are the merge of each class's k nearest, and each class's nearest
-  reference comes out of the same pass, so the per-class nearest distance (the outlier score) is
-  never missing and needs no second scan. For exact sub-indexes the total work equals one flat
+  reference comes out of the same pass, so the per-class nearest distance is never missing and
+  needs no second scan. For exact sub-indexes the total work equals one flat
   scan of all references; for IVF it is one coarse search per class. The trade-off against a
   single global index plus a fallback search for classes absent from the top k: the global index
   is cheaper when there are many classes (cost grows with the number of classes here), but its
@@ -22,6 +22,14 @@ Design, and why:
   vectors, sum of squared norms, count), so the root mean squared distance
   ``sqrt(|q|^2 - 2 q.mean_c + mean_c(|r|^2))`` is exact without touching the references, and
   add/remove update the sums exactly (float64 keeps cancellation error ~1e-12).
+- **The outlier score is the mean distance to the predicted class**, not the distance to its
+  nearest reference. Nearest-neighbour distance measures local density, and density is highest
+  where classes overlap: with a class held out of the references, its films (normal films
+  especially, which lie among the diseased ones) land close to *some* reference of another class
+  and look familiar (leave-one-class-out AUROC 0.20 for held-out Normal on the shipped recipe).
+  The RMS distance to the whole class asks whether the film is typical of the class it was given,
+  which held-out films are not (0.90 for the same case; docs/BENCHMARKS.md). It is also the
+  class-level distance the answer already reports in ``distances``.
 - **Copy-on-write snapshots**: all state lives in an immutable :class:`_Snapshot`. ``search``
   reads the current snapshot reference once and uses only it; ``add``/``remove``/``replace``
   build a new snapshot (cloning only the sub-indexes of classes that change) under a lock and
@@ -191,7 +199,7 @@ class ReferenceIndex:
         device: ``auto`` | ``cpu`` | ``cuda`` | ``faiss-gpu`` | ``torch-cuda`` | ``torch-cpu``.
             ``auto``: FAISS GPU if ``faiss.get_num_gpus() > 0``, else exact torch on CUDA if
             available, else FAISS CPU. ``cuda``: the first two of those, or an error.
-        unknown_quantile: quantile of leave-one-out nearest same-class distances used as each
+        unknown_quantile: quantile of leave-one-out mean same-class distances used as each
             class's unknown threshold (see :mod:`index.calibration`).
         k: default number of neighbours.
         calibration_samples: references sampled (stratified by class) for leave-one-out
@@ -586,7 +594,7 @@ class ReferenceIndex:
                 for rid, d, cc in zip(ref_ids[i], dist_l[i], class_l[i], strict=True)
                 if cc >= 0
             ]
-            score = near_l[i][c]
+            score = mean_l[i][c]  # the class as a whole, not its nearest member (see above)
             threshold = cal.thresholds[label]
             out.append(
                 IndexResult(
@@ -709,7 +717,7 @@ class ReferenceIndex:
         cand_d, cand_c, mean, yy = cand_d[ok], cand_c[ok], raw.mean[ok], y[ok]
         t_knn, power = fit_knn_calibration(cand_d, cand_c, n_classes, yy)
         t_mean = fit_temperature(lambda t: mean_distance_probabilities(mean, t), yy)
-        loo = {part.label: raw.nearest[(y == c) & ok, c] for c, part in enumerate(snap.parts)}
+        loo = {part.label: raw.mean[(y == c) & ok, c] for c, part in enumerate(snap.parts)}
         cal = Calibration(
             temperature_knn=t_knn,
             power_knn=power,

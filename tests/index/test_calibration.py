@@ -73,7 +73,7 @@ def test_unknown_flags_a_held_out_cluster_but_few_enrolled_queries() -> None:
     # by construction ~5 % of in-distribution queries exceed the 0.95 quantile
     assert unknown[~held_out].mean() < 0.12
     r = results[int(np.flatnonzero(held_out)[0])]
-    assert r.outlier_score == pytest.approx(r.nearest[r.label])
+    assert r.outlier_score == pytest.approx(r.distances[r.label])
     assert r.outlier_threshold == index.calibration().thresholds[r.label]
 
 
@@ -125,3 +125,28 @@ def test_single_references_per_class_still_answer() -> None:
     index = ReferenceIndex.build(x, ["a", "b", "c"], ["A", "B", "C"], device="cpu")
     r = index.search(x[0])[0]
     assert r.label == "A" and r.outlier_threshold == MAX_DISTANCE and not r.unknown
+
+
+def test_a_few_mislabeled_references_do_not_make_an_unknown_class_look_known() -> None:
+    """Stray references of class B inside an unenrolled class's region (label noise, as in
+    report-mined labels) put a B reference next to every query of that class. A score on the
+    nearest reference would call those queries typical B; the mean distance to B does not."""
+    rng = np.random.default_rng(12)
+    dim = 8
+    axes = np.eye(dim)
+
+    def cloud(centre: np.ndarray, n: int) -> np.ndarray:
+        return l2_normalize(centre + 0.2 / np.sqrt(dim) * rng.standard_normal((n, dim)))
+
+    refs = np.concatenate([cloud(axes[0], 300), cloud(axes[1], 285), cloud(axes[2], 15)])
+    labels = ["A"] * 300 + ["B"] * 300  # the last 15 "B" lie where the unknown class lives
+    index = ReferenceIndex.build(refs, [f"r{i}" for i in range(600)], labels, device="cpu")
+    known = index.search(np.concatenate([cloud(axes[0], 100), cloud(axes[1], 100)]))
+    unknown = index.search(cloud(axes[2], 100))
+    assert all(r.label == "B" for r in unknown)  # the strays decide the label ...
+    assert np.mean([r.unknown for r in unknown]) > 0.9  # ... but not the familiarity
+    assert np.mean([r.unknown for r in known]) < 0.1
+    # the nearest-reference distance would not have flagged them: it is as small as a known one's
+    near_unknown = np.median([r.nearest["B"] for r in unknown])
+    near_known = np.quantile([r.nearest[r.label] for r in known], 0.95)
+    assert near_unknown < near_known
