@@ -40,7 +40,7 @@ from app.routes import audit, classes, health, references
 from app.services.references import InvalidLabelError, reconcile_at_startup
 from app.services.thumbnails import ThumbnailCache
 from app.web import router as web_router
-from training.imaging import (
+from training.imaging.errors import (
     CorruptImageError,
     DegenerateImageError,
     DeidentificationError,
