@@ -1,5 +1,5 @@
-"""Service commands of `cxr`: serve, keys, references, and (when present) models, bench
-predict and worker. `app/cli.py` calls `register(cli, bench)`.
+"""Service commands of `cxr`: serve, keys, references, models, bench predict / enroll and
+worker. `app/cli.py` calls `register(cli, bench)`.
 
 Output discipline: a command's *result* goes to stdout (the key of `keys create`, alone, so
 `KEY=$(cxr keys create --role reader)` works); logs and progress go to stderr.
@@ -302,43 +302,26 @@ def references_import_command(
 # -- registration ---------------------------------------------------------------------------
 
 
-def _optional(module: str, *names: str) -> tuple[Any, ...] | None:
-    """Import `names` from `module` if that module exists in this build (others write them)."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not module.startswith(exc.name):
-            raise
-        return None
-    return tuple(getattr(mod, name) for name in names)
-
-
 def register(cli: typer.Typer, bench: typer.Typer) -> None:
     """Attach the service commands to the `cxr` app and its `bench` group."""
     cli.command("serve")(serve_command)
     cli.command("quickstart")(quickstart_command)
     cli.add_typer(keys_app, name="keys")
     cli.add_typer(references_app, name="references")
-    model_commands = _optional(
-        "app.model_commands",
-        "models_add_command",
-        "models_list_command",
-        "models_activate_command",
-        "bench_predict_command",
+    from app.bench_enroll import bench_enroll_command
+    from app.jobs.worker import worker_command
+    from app.model_commands import (
+        bench_predict_command,
+        models_activate_command,
+        models_add_command,
+        models_list_command,
     )
-    if model_commands is not None:
-        add, list_, activate, bench_predict_command = model_commands
-        models_app = typer.Typer(help="Model versions.", no_args_is_help=True)
-        models_app.command("add")(add)
-        models_app.command("list")(list_)
-        models_app.command("activate")(activate)
-        cli.add_typer(models_app, name="models")
-        bench.command("predict")(bench_predict_command)
-        from app.bench_enroll import bench_enroll_command
 
-        bench.command("enroll")(bench_enroll_command)
-    worker = _optional("app.jobs.worker", "worker_command")
-    if worker is not None:
-        cli.command("worker")(worker[0])
+    models_app = typer.Typer(help="Model versions.", no_args_is_help=True)
+    models_app.command("add")(models_add_command)
+    models_app.command("list")(models_list_command)
+    models_app.command("activate")(models_activate_command)
+    cli.add_typer(models_app, name="models")
+    bench.command("predict")(bench_predict_command)
+    bench.command("enroll")(bench_enroll_command)
+    cli.command("worker")(worker_command)

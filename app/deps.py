@@ -2,7 +2,10 @@
 
 `SessionDep` (one session per request), `SettingsDep` (the app's settings), `CurrentKey` (the
 authenticated API key, any role) and `ReaderKey` / `ClinicianKey` / `AdminKey` (at least that
-role). Routes only declare the alias they need.
+role); and the objects `create_app` and the lifespans hang off `app.state`: `ServiceDep` (the
+prediction state; 503 while it is not started), `MaybeServiceDep` (None then),
+`SessionFactoryDep`, `MetricsDep`, `ThumbnailCacheDep`, `OutboxDep` and `JobRunnerDep`.
+Routes only declare the alias they need and never read `app.state` themselves.
 """
 
 from __future__ import annotations
@@ -11,11 +14,17 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth import CurrentKey, require_role
 from app.config import Settings
 from app.db import ApiKey
 from app.db.session import SessionDep
+from app.dicom.outbox import OutboxWorker
+from app.jobs.runner import JobRunner
+from app.metrics import Metrics
+from app.services.thumbnails import ThumbnailCache
+from app.state import ServiceState
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -23,7 +32,58 @@ def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def get_maybe_service(request: Request) -> ServiceState | None:
+    """This process's prediction state (None before the lifespan built it)."""
+    return request.app.state.service
+
+
+def get_service(request: Request) -> ServiceState:
+    """This process's prediction state; 503 when it is not started."""
+    service = get_maybe_service(request)
+    if service is None:
+        raise HTTPException(
+            status_code=503,
+            detail="The prediction service is not started; check the server log.",
+        )
+    return service
+
+
+def get_session_factory(request: Request) -> sessionmaker[Session]:
+    """The app's sessionmaker, for a route that opens (and guards) its own session."""
+    return request.app.state.sessionmaker
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_thumbnail_cache(request: Request) -> ThumbnailCache:
+    return request.app.state.thumbnail_cache
+
+
+def get_outbox(request: Request) -> OutboxWorker | None:
+    """The DICOM outbox worker of this process (None without a configured destination)."""
+    return request.app.state.dicom_outbox
+
+
+def get_job_runner(request: Request) -> JobRunner:
+    """The job runner the jobs router's lifespan started; 503 when it is not running."""
+    runner = request.app.state.job_runner
+    if runner is None:
+        raise HTTPException(
+            status_code=503, detail="The job runner is not started; check the server log."
+        )
+    return runner
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+JobRunnerDep = Annotated[JobRunner, Depends(get_job_runner)]
+ServiceDep = Annotated[ServiceState, Depends(get_service)]
+MaybeServiceDep = Annotated[ServiceState | None, Depends(get_maybe_service)]
+SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ThumbnailCacheDep = Annotated[ThumbnailCache, Depends(get_thumbnail_cache)]
+OutboxDep = Annotated[OutboxWorker | None, Depends(get_outbox)]
 ReaderKey = Annotated[ApiKey, Depends(require_role("reader"))]
 ClinicianKey = Annotated[ApiKey, Depends(require_role("clinician"))]
 AdminKey = Annotated[ApiKey, Depends(require_role("admin"))]
@@ -55,9 +115,17 @@ __all__ = [
     "AdminKey",
     "ClinicianKey",
     "CurrentKey",
+    "JobRunnerDep",
+    "MaybeServiceDep",
+    "MetricsDep",
+    "OutboxDep",
     "ReaderKey",
+    "ServiceDep",
     "SessionDep",
+    "SessionFactoryDep",
     "SettingsDep",
+    "ThumbnailCacheDep",
     "get_app_settings",
+    "get_service",
     "single_form_fields",
 ]

@@ -7,16 +7,16 @@ run two against one database to check they see each other's writes).
 `cxr serve` runs `uvicorn app.main:create_app --factory`; each worker process builds its own app.
 
 Startup (lifespan): configure logging, bring the schema to head (idempotent, locked against
-concurrent starters), open the engine, then build the inference side's `ServiceState` when that
-module is present and load the active model and index into it. Every error leaves as JSON
-`{"detail": "..."}`; bad input is never a 500.
+concurrent starters), open the engine, then build the inference side's `ServiceState` and load
+the active model and index into it. The routes are the static list in `app/api.py`; they reach
+what hangs off `app.state` through the typed dependencies of `app/deps.py`. Every error leaves
+as JSON `{"detail": "..."}`; bad input is never a 500.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,19 +28,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api import ONE_FILE_ROUTERS, ROUTERS, api_router
 from app.auth import check_role, key_from_headers, resolve_key
 from app.config import Settings, get_settings
 from app.db.migrate import upgrade_to_head
 from app.db.session import create_db_engine, create_sessionmaker
 from app.logging import RequestIdMiddleware, configure_logging, get_request_id
 from app.metrics import Metrics
-from app.routes import audit, classes, health, references
 from app.services.references import InvalidLabelError, reconcile_at_startup
 from app.services.thumbnails import ThumbnailCache
-from app.web import router as web_router
-from training.imaging import (
+from app.state import ServiceState
+from training.imaging.errors import (
     CorruptImageError,
     DegenerateImageError,
     DeidentificationError,
@@ -51,24 +52,30 @@ from training.imaging import (
 
 logger = logging.getLogger(__name__)
 
-#: Routers of other parts of the service, included when their module exists in this build.
-OPTIONAL_ROUTERS = (
-    "app.routes.predict",
-    "app.routes.models",
-    "app.routes.jobs",
-    "app.routes.dicom",
-)
+
+#: Room for the multipart envelope (boundaries, part headers) around a single file.
+MULTIPART_OVERHEAD = 64 * 1024
 
 
 class RequestTooLargeError(StarletteHTTPException):
     """Raised from `receive` when the body passes the limit (an HTTPException, so FastAPI
     re-raises it from body parsing instead of turning it into a generic 400)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            status_code=413,
-            detail=f"Request body over the limit of {limit} bytes; send fewer or smaller files "
-            "(limits: CXR_MAX_UPLOAD_MB per file, CXR_MAX_REQUEST_MB per request).",
+    def __init__(self, detail: str) -> None:
+        super().__init__(status_code=413, detail=detail)
+
+    @classmethod
+    def for_request(cls, limit: int) -> RequestTooLargeError:
+        return cls(
+            f"Request body over the limit of {limit} bytes; send fewer or smaller files "
+            "(limits: CXR_MAX_UPLOAD_MB per file, CXR_MAX_REQUEST_MB per request)."
+        )
+
+    @classmethod
+    def for_file(cls, limit: int) -> RequestTooLargeError:
+        return cls(
+            f"The upload is over the limit of {limit} bytes (CXR_MAX_UPLOAD_MB); "
+            "compress or downscale the image and send it again."
         )
 
 
@@ -85,33 +92,54 @@ class RequestTimeoutError(StarletteHTTPException):
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over `limit` bytes while streaming, before they are spooled, and
-    bodies that do not arrive within `timeout_s` seconds (a stalled upload held its connection
-    and its worker forever).
+    """The one request-size limit: refuse request bodies over the limit while streaming, before
+    they are spooled, and bodies that do not arrive within `timeout_s` seconds (a stalled upload
+    held its connection and its worker forever).
 
-    A declared Content-Length over the limit is answered 413 at once; a chunked or lying body is
+    The limit is `request_limit` (sized for multi-file enrollment), except for `one_file_routes`
+    (a prediction carries one image), which get `file_limit` plus the multipart envelope. A
+    declared Content-Length over the limit is answered 413 at once; a chunked or lying body is
     cut off the moment the running total passes the limit. The deadline covers the whole body
     from its first read (408), so a client trickling one byte at a time cannot hold a
-    connection either.
+    connection either. (Each file of a multi-file request is held to `file_limit` as it is
+    read; the services check it again for callers that are not HTTP.)
     """
 
-    def __init__(self, app: ASGIApp, limit: int, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        request_limit: int,
+        file_limit: int,
+        one_file_routes: Sequence[BaseRoute] = (),
+        timeout_s: float | None = None,
+    ) -> None:
         self.app = app
-        self.limit = limit
+        self.request_limit = request_limit
+        self.file_limit = file_limit
+        self.one_file_routes = tuple(one_file_routes)
         self.timeout_s = timeout_s
+
+    def _limit(self, scope: Scope) -> tuple[int, RequestTooLargeError]:
+        for route in self.one_file_routes:
+            if route.matches(scope)[0] is Match.FULL:
+                limit = self.file_limit + MULTIPART_OVERHEAD
+                return limit, RequestTooLargeError.for_file(self.file_limit)
+        return self.request_limit, RequestTooLargeError.for_request(self.request_limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, too_large = self._limit(scope)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.limit:
-                    await _send_json(send, 413, RequestTooLargeError(self.limit).detail)
+                if declared > limit:
+                    await _send_json(send, 413, too_large.detail)
                     return
         received = 0
         started = False
@@ -135,8 +163,8 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if not message.get("more_body", False):
                     body_done = True
-                if received > self.limit:
-                    raise RequestTooLargeError(self.limit)
+                if received > limit:
+                    raise too_large
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -185,8 +213,6 @@ class AuthBeforeBodyMiddleware:
         self._roles: dict[int, str | None] = {}
 
     def _role_for(self, scope: Scope) -> str | None:
-        from starlette.routing import Match
-
         state = getattr(scope.get("app"), "state", None)
         for route in getattr(state, "guarded_routes", ()):
             match, _child = route.matches(scope)
@@ -349,32 +375,12 @@ def install_exception_handlers(app: FastAPI) -> None:
         )
 
 
-def _build_service(app: FastAPI) -> Any | None:
-    """The inference side's ServiceState, or None when app/state.py is not in this build."""
-    try:
-        from app.state import ServiceState  # type: ignore[import-not-found,unused-ignore]
-    except ModuleNotFoundError as exc:
-        if exc.name != "app.state":
-            raise
-        logger.warning("app.state is missing: predictions are disabled in this build")
-        return None
-    # `metrics`: the index-size and active-model gauges follow every bundle swap from the start.
-    return ServiceState(
-        settings=app.state.settings,
-        sessionmaker=app.state.sessionmaker,
-        metrics=app.state.metrics,
-    )
-
-
-def _warm_up(service: Any) -> None:
+def _warm_up(service: ServiceState) -> None:
     """Load the active model and index now, so /ready and the gauges are right from startup
     and the first prediction does not pay for the load. Failures are logged, never fatal: the
     service retries on the next request and /ready explains what is wrong."""
-    refresh = getattr(service, "refresh", None)
-    if not callable(refresh):
-        return
     try:
-        refresh(wait=True)
+        service.refresh(wait=True)
     except Exception:
         logger.exception("could not load the model and index at startup; will retry")
 
@@ -389,8 +395,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine = engine
     app.state.sessionmaker = create_sessionmaker(engine)
     reconcile_at_startup(sessionmaker=app.state.sessionmaker, settings=settings)
-    app.state.service = _build_service(app)
-    _warm_up(app.state.service)
+    # `metrics`: the index-size and active-model gauges follow every bundle swap from the start.
+    service = ServiceState(
+        settings=settings, sessionmaker=app.state.sessionmaker, metrics=app.state.metrics
+    )
+    app.state.service = service
+    _warm_up(service)
     logger.info(
         "service started",
         extra={"environment": settings.environment, "database": engine.dialect.name},
@@ -398,13 +408,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        service = app.state.service
-        close = getattr(service, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception:
-                logger.exception("service close failed")
+        try:
+            service.close()
+        except Exception:
+            logger.exception("service close failed")
         engine.dispose()
         logger.info("service stopped")
 
@@ -426,28 +433,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
-    app.state.service = None
+    # Everything `app.state` holds, set here or by a lifespan (read through app/deps.py).
+    app.state.service = None  # ServiceState, built by the lifespan
     app.state.thumbnail_cache = ThumbnailCache()
+    app.state.job_runner = None  # app/routes/jobs.py's lifespan
+    app.state.job_reaper = None
+    app.state.dicom_outbox = None  # app/routes/dicom.py's lifespan
     install_exception_handlers(app)
     # Added innermost first: request id + metrics see everything (413/408 from the body
     # limiter, 401/403 answered before the body is read).
     app.add_middleware(AuthBeforeBodyMiddleware)
     app.add_middleware(
-        BodyLimitMiddleware, limit=settings.max_request_bytes, timeout_s=settings.body_timeout_s
+        BodyLimitMiddleware,
+        request_limit=settings.max_request_bytes,
+        file_limit=settings.max_upload_bytes,
+        one_file_routes=[route for router in ONE_FILE_ROUTERS for route in router.routes],
+        timeout_s=settings.body_timeout_s,
     )
     app.add_middleware(RequestIdMiddleware, observer=app.state.metrics.observe_request)
-    routers = [health.router, references.router, classes.router, audit.router, web_router]
-    for module_name in OPTIONAL_ROUTERS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            logger.debug("optional router %s not present", module_name)
-            continue
-        routers.append(module.router)
-    for router in routers:
-        app.include_router(router)
+    app.include_router(api_router)
     # The routes as declared (FastAPI may wrap included routers): the body guard matches them.
-    app.state.guarded_routes = [route for router in routers for route in router.routes]
+    app.state.guarded_routes = [route for router in ROUTERS for route in router.routes]
     return app

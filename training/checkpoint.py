@@ -9,12 +9,17 @@ files as model versions; a GPU box can train one and ship it to a CPU deployment
 Saving is atomic (temporary file in the same directory, then ``os.replace``) so that a reader —
 the service watching a run directory, or a crash mid-save — never sees a half-written file.
 Loading uses ``torch.load(weights_only=True)``: a checkpoint is data, never code.
+
+The resume format lives here too: ``last.pt`` (:func:`save_training_state`,
+:func:`read_training_state`, :func:`restore_training_state`) holds the whole training state
+after the last finished epoch, so ``cxr train --resume`` continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,11 +39,17 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "RESUMED_PARTS",
     "CheckpointError",
     "LoadedEncoder",
+    "TrainingProgress",
     "atomic_torch_save",
+    "capture_rng",
     "load_checkpoint",
+    "read_training_state",
+    "restore_training_state",
     "save_checkpoint",
+    "save_training_state",
 ]
 
 FORMAT = "cxr-encoder"
@@ -196,3 +208,109 @@ def load_checkpoint(path: Path | str, *, map_location: str | torch.device = "cpu
         format_version=int(payload["format_version"]),
         created_at=payload.get("created_at"),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Resume format: ``last.pt``, the whole training state after the last finished epoch
+# --------------------------------------------------------------------------------------------
+
+#: The stateful parts of a run ``last.pt`` holds, by key: their ``state_dict()``s.
+RESUMED_PARTS = ("encoder", "loss", "optimizer", "scheduler")
+
+
+@dataclass
+class TrainingProgress:
+    """Where a run stands: what ``last.pt`` holds besides the parts' state and the RNGs."""
+
+    epoch: int = 0  # epochs finished
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = -1.0
+    best_epoch: int = 0
+    stale: int = 0  # epochs since the best one
+    best_val: dict[str, Any] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG a training step draws from (Python, NumPy's global one, torch, CUDA)."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(
+    path: Path | str,
+    *,
+    progress: TrainingProgress,
+    parts: Mapping[str, Any],
+    rng_ranks: Sequence[Mapping[str, Any]],
+    sampler_labels: list[Any] | None,
+    config: Mapping[str, Any],
+) -> Path:
+    """Write ``last.pt`` atomically: ``parts`` (:data:`RESUMED_PARTS`), every rank's RNG state
+    (``rng_ranks``, rank 0's also as ``rng``), the sampler's label order and ``progress``.
+
+    A plain pickle (``weights_only=False`` to read): it holds optimiser and RNG states, and it
+    is only ever read back by the run that wrote it.
+    """
+    return atomic_torch_save(
+        {
+            "epoch": progress.epoch,
+            **{name: part.state_dict() for name, part in parts.items()},
+            "rng": rng_ranks[0],
+            "rng_ranks": list(rng_ranks),
+            "history": progress.history,
+            "best_score": progress.best_score,
+            "best_epoch": progress.best_epoch,
+            "stale": progress.stale,
+            "best_val": progress.best_val,
+            "best_state": progress.best_state,
+            "sampler_labels": sampler_labels,
+            "config": dict(config),
+        },
+        path,
+    )
+
+
+def read_training_state(path: Path | str) -> dict[str, Any]:
+    """The raw ``last.pt`` dict (on the CPU)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=False)
+
+
+def restore_training_state(
+    state: Mapping[str, Any], *, parts: Mapping[str, Any], rank: int, world_size: int
+) -> tuple[TrainingProgress, list[Any] | None]:
+    """Load ``state`` (from :func:`read_training_state`) into ``parts`` and the RNGs; returns
+    the progress and the sampler's saved label order (None when not saved).
+
+    Each rank gets its own RNG state back when the run had the same number of ranks, else
+    every rank gets rank 0's.
+    """
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    ranks_rng = state.get("rng_ranks") or []
+    _restore_rng(ranks_rng[rank] if len(ranks_rng) == world_size else state["rng"])
+    progress = TrainingProgress(
+        epoch=state["epoch"],
+        history=state["history"],
+        best_score=state["best_score"],
+        best_epoch=state["best_epoch"],
+        stale=state["stale"],
+        best_val=state["best_val"],
+        best_state=state["best_state"],
+    )
+    labels = state.get("sampler_labels")
+    return progress, (list(labels) if labels is not None else None)

@@ -1,14 +1,17 @@
 """The siamese (metric-learning) training loop.
 
-Read :func:`train` top to bottom: seed, data, model, loss, optimiser and schedule, then epochs of
-class-balanced batches followed by a k-NN validation that picks the best checkpoint (and, with
-``patience``, stops early), then a final test evaluation, ``metrics.json`` and plots.
+Read :func:`train` top to bottom, one named stage per call: runtime (seed, device), encoder,
+data, model (loss, optimiser and schedule), resume, then ``_fit``: epochs of class-balanced
+batches each followed by a k-NN validation that picks the best checkpoint (and, with
+``patience``, stops early); then a final test evaluation, ``metrics.json`` and plots. The
+stages follow ``train`` in this file, in the order it calls them.
 
 Run directory (``config.out``)::
 
     config.json     resolved TrainConfig (what was actually run)
     encoder.pt      best encoder (self-describing checkpoint, see training/checkpoint.py)
-    last.pt         full training state after the last finished epoch (for --resume)
+    last.pt         full training state after the last finished epoch (for --resume; its
+                    format is in training/checkpoint.py)
     metrics.json    per-epoch history, best validation and final test metrics
     loss_curve.png  confusion_matrix.png  embedding_map.png
 
@@ -49,7 +52,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from training import distributed as ddp
 from training.cache import DeviceBatches, cached_splits
-from training.checkpoint import atomic_torch_save, read_checkpoint, save_checkpoint
+from training.checkpoint import (
+    RESUMED_PARTS,
+    TrainingProgress,
+    capture_rng,
+    read_checkpoint,
+    read_training_state,
+    restore_training_state,
+    save_checkpoint,
+    save_training_state,
+)
 from training.data import (
     Sample,
     XrayDataset,
@@ -236,25 +248,6 @@ def _seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class _Augmented(Dataset[tuple[torch.Tensor, int]]):
     """Training view of a cached, un-augmented dataset: same tensors, random augmentation.
 
@@ -428,6 +421,61 @@ def _summary(report: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _Runtime:
+    """Where and how the steps run (resolved once from the config and the machine)."""
+
+    dctx: ddp.DistContext
+    device: torch.device
+    workers: int
+    channels_last: bool
+    amp_dtype: torch.dtype | None
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclass
+class _Data:
+    """The splits, their data sets and the class-balanced loader of the train split."""
+
+    splits: dict[str, list[Sample]]
+    classes: list[str]
+    spec: Preprocessing
+    datasets: dict[str, Any]
+    sampler: Any
+    loader: Any
+    steps_per_epoch: int
+    m_per_class: int
+    batch_size: int  # per rank
+    global_batch: int
+
+    @property
+    def train_set(self) -> Any:
+        return self.datasets["train"]
+
+
+@dataclass
+class _Model:
+    """The stateful parts of a run (what ``last.pt`` saves, see :data:`RESUMED_PARTS`)."""
+
+    encoder: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def parts(self) -> dict[str, Any]:
+        parts = {
+            "encoder": self.encoder,
+            "loss": self.criterion,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+        }
+        assert tuple(parts) == RESUMED_PARTS
+        return parts
+
+
 def train(
     config: TrainConfig,
     *,
@@ -444,17 +492,90 @@ def train(
     started = time.perf_counter()
     # Under torchrun: join the process group (training/distributed.py); else rank 0 of 1.
     dctx = ddp.setup(config.device)
-    main = dctx.is_main
     run_dir = Path(config.out).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = run_dir / "last.pt", run_dir / "encoder.pt"
-    if config.resume and main and not last_path.is_file():
+    if config.resume and dctx.is_main and not last_path.is_file():
         raise FileNotFoundError(
             f"--resume: {last_path} does not exist; train without --resume first"
         )
 
-    # ---- environment --------------------------------------------------------------------
     _seed_everything(config.seed)
+    rt = _runtime(config, dctx)
+    config, encoder = _build_encoder(config)  # first: pretrained weights may fix the scale
+    data = _build_data(config, samples, rt)
+    model = _build_model(config, encoder, data, rt)
+    state = _resume(last_path, model, data, rt) if config.resume else TrainingProgress()
+    step_module = ddp.wrap(ddp.TrainStep(model.encoder, model.criterion, rt.amp_dtype), dctx)
+    if config.compile:
+        step_module = torch.compile(step_module)
+    config_dict = _resolved_config(config, data, rt)
+    if dctx.is_main:
+        (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
+    log.info(
+        "training %s + %s on %s: %d train images, %d steps/epoch of %d (%d per class), %d epochs",
+        config.encoder, config.loss, rt.device, len(data.train_set), data.steps_per_epoch,
+        data.batch_size, data.m_per_class, config.epochs,
+    )  # fmt: skip
+
+    def save_best(metrics: Mapping[str, Any]) -> None:
+        if dctx.is_main:
+            _save_best(best_path, state, model, data, config, config_dict, metrics)
+
+    _fit(config, data, model, rt, step_module, state, last_path, save_best, progress)
+
+    # ---- final evaluation with the best weights, metrics.json and plots ----------------------
+    if state.best_state is None:  # resumed a finished run with nothing new to do
+        state.best_state = _cpu_state(model.encoder)
+    model.encoder.load_state_dict(state.best_state)
+    final_split = "test" if "test" in data.datasets else "val"
+    test_report = _validate(final_split, config, data, model, rt)
+    minutes = (time.perf_counter() - started) / 60.0
+    throughput = [h["images_per_second"] for h in state.history]
+    metrics: dict[str, Any] = {
+        "encoder": config.encoder,
+        "loss": config.loss,
+        "device": str(rt.device),
+        "classes": data.classes,
+        "splits": summarise(data.splits),
+        "best_epoch": state.best_epoch,
+        "epochs_run": len(state.history),
+        "minutes": minutes,
+        "images_per_second": float(np.mean(throughput)) if throughput else None,
+        "history": state.history,
+        "val": state.best_val,
+        "evaluated_split": final_split if test_report is not None else None,
+        "test": test_report,
+        "world_size": dctx.world_size,
+    }
+    save_best({
+        "best_epoch": state.best_epoch, "val": state.best_val, "minutes": minutes,
+        "test": _summary(test_report) if test_report is not None else None,
+    })  # fmt: skip
+    if dctx.is_main:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        _write_plots(run_dir, state.history, test_report, final_split, model.encoder,
+                     data.datasets, data.classes, config, rt.device, rt.channels_last,
+                     rt.amp_dtype)  # fmt: skip
+    if progress is not None and dctx.is_main:
+        progress(1.0)
+    if test_report is not None:
+        s = _summary(test_report)
+        log.info(
+            "%s k-NN balanced accuracy %.4f, recall %s (%.1f min)",
+            final_split, s["balanced_accuracy"],
+            {k: round(v, 3) for k, v in s["recall"].items()}, minutes,
+        )  # fmt: skip
+    return TrainResult(run_dir=run_dir, checkpoint=best_path, metrics=metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# The stages of train(), in the order it calls them
+# --------------------------------------------------------------------------------------------
+
+
+def _runtime(config: TrainConfig, dctx: ddp.DistContext) -> _Runtime:
+    """Device, loader workers, CUDA math modes, memory format and autocast."""
     device = dctx.device or resolve_device(config.device)
     on_cuda = device.type == "cuda"
     torch.set_num_threads(config.threads or ddp.default_threads_per_rank(dctx, default_threads()))
@@ -467,10 +588,19 @@ def train(
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    channels_last = config.channels_last or on_cuda
-    amp_dtype = torch.bfloat16 if on_cuda else None
+    return _Runtime(
+        dctx=dctx,
+        device=device,
+        workers=workers,
+        channels_last=config.channels_last or on_cuda,
+        amp_dtype=torch.bfloat16 if on_cuda else None,
+    )
 
-    # ---- encoder (first: pretrained weights may fix the input scale) --------------------
+
+def _build_encoder(config: TrainConfig) -> tuple[TrainConfig, nn.Module]:
+    """The encoder (from ``init_from``, ``weights`` or scratch) and the config it implies:
+    fine-tuning adopts the checkpoint's architecture and preprocessing, and pretrained weights
+    may dictate the input scale (recorded in the checkpoint's preprocessing)."""
     start_state = None
     if config.init_from:
         config, start_state = _adopt_checkpoint(config)
@@ -490,8 +620,14 @@ def train(
             config = dataclasses.replace(
                 config, mean=report.input_scale[0], std=report.input_scale[1]
             )
+    return config, encoder
 
-    # ---- data ---------------------------------------------------------------------------
+
+def _build_data(
+    config: TrainConfig, samples: Mapping[str, list[Sample]] | None, rt: _Runtime
+) -> _Data:
+    """Splits, decoded data sets, and the label x source balanced loader of the train split."""
+    dctx = rt.dctx
     splits = _load_splits(config, samples)
     classes = class_names([s for split in splits.values() for s in split])
     spec = config.preprocessing()
@@ -528,7 +664,7 @@ def train(
     loader: Any
     if config.cache_dir:  # gather from the map, augment the whole batch on the device
         loader = DeviceBatches(
-            train_set, batches, device=device, channels_last=channels_last,
+            train_set, batches, device=rt.device, channels_last=rt.channels_last,
             augment=BatchAugmentation(spec) if config.augment else None,
         )  # fmt: skip
     else:
@@ -536,172 +672,87 @@ def train(
         loader = DataLoader(
             _Augmented(train_set, augment),
             batch_sampler=batches,
-            num_workers=workers,
-            pin_memory=on_cuda,
-            persistent_workers=workers > 0,
+            num_workers=rt.workers,
+            pin_memory=rt.on_cuda,
+            persistent_workers=rt.workers > 0,
         )
+    return _Data(
+        splits=splits, classes=classes, spec=spec, datasets=datasets, sampler=sampler,
+        loader=loader, steps_per_epoch=steps_per_epoch, m_per_class=m_per_class,
+        batch_size=batch_size, global_batch=global_batch,
+    )  # fmt: skip
 
-    # ---- loss, optimiser -----------------------------------------------------------------
-    encoder = encoder.to(device)
-    if channels_last:
+
+def _build_model(config: TrainConfig, encoder: nn.Module, data: _Data, rt: _Runtime) -> _Model:
+    """Encoder on the device, loss, AdamW and the per-step learning-rate schedule."""
+    encoder = encoder.to(rt.device)
+    if rt.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     criterion = create_loss(
         config.loss,
         embedding_dim=config.embedding_dim,
-        num_classes=len(classes),
+        num_classes=len(data.classes),
         **config.loss_kwargs,
-    ).to(device)
+    ).to(rt.device)
     optimizer = torch.optim.AdamW(
         _param_groups([encoder, criterion], config.weight_decay), lr=config.lr
     )
-    scheduler = _lr_schedule(optimizer, config, steps_per_epoch)
-    if dctx.enabled:  # same init everywhere (seeded), different augmentation per rank
-        torch.manual_seed(config.seed + 7919 * dctx.rank)
+    scheduler = _lr_schedule(optimizer, config, data.steps_per_epoch)
+    if rt.dctx.enabled:  # same init everywhere (seeded), different augmentation per rank
+        torch.manual_seed(config.seed + 7919 * rt.dctx.rank)
+    return _Model(encoder, criterion, optimizer, scheduler)
 
-    history: list[dict[str, Any]] = []
-    best_score, best_epoch, stale, start_epoch = -1.0, 0, 0, 0
-    best_val: dict[str, Any] | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    if config.resume:
-        # Rank 0 reads last.pt and hands it to the others (only rank 0's disk need hold it).
-        state = ddp.broadcast_object(
-            torch.load(last_path, map_location="cpu", weights_only=False) if main else None, dctx
-        )
-        encoder.load_state_dict(state["encoder"])
-        criterion.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ranks_rng = state.get("rng_ranks") or []
-        _set_rng_state(ranks_rng[dctx.rank] if len(ranks_rng) == world else state["rng"])
-        history = state["history"]
-        best_score, best_epoch, stale = state["best_score"], state["best_epoch"], state["stale"]
-        best_val, best_state = state["best_val"], state["best_state"]
-        start_epoch = state["epoch"]
-        if state.get("sampler_labels") is not None and hasattr(sampler, "labels"):
-            # pml's MPerClassSampler shuffles its label list in place every epoch: part of
-            # the sampling state, restored so a resumed run draws the same batches.
-            sampler.labels = list(state["sampler_labels"])
-        log.info("resumed from %s after epoch %d", last_path, start_epoch)
-    step_module = ddp.wrap(ddp.TrainStep(encoder, criterion, amp_dtype), dctx)
-    if config.compile:
-        step_module = torch.compile(step_module)
 
-    config_dict = {**config.to_dict(), "resolved": {
-        "device": str(device), "m_per_class": m_per_class, "batch_size": batch_size,
-        "steps_per_epoch": steps_per_epoch, "workers": workers, "classes": classes,
-        "threads": torch.get_num_threads(), "channels_last": channels_last,
-        "autocast": str(amp_dtype) if amp_dtype else None,
-        "world_size": world, "global_batch_size": global_batch,
+def _resume(last_path: Path, model: _Model, data: _Data, rt: _Runtime) -> TrainingProgress:
+    """Restore ``last.pt`` (training/checkpoint.py) into the model, the RNGs and the sampler."""
+    dctx = rt.dctx
+    # Rank 0 reads last.pt and hands it to the others (only rank 0's disk need hold it).
+    saved = ddp.broadcast_object(read_training_state(last_path) if dctx.is_main else None, dctx)
+    state, sampler_labels = restore_training_state(
+        saved, parts=model.parts(), rank=dctx.rank, world_size=dctx.world_size
+    )
+    if sampler_labels is not None and hasattr(data.sampler, "labels"):
+        # pml's MPerClassSampler shuffles its label list in place every epoch: part of the
+        # sampling state, restored so a resumed run draws the same batches.
+        data.sampler.labels = sampler_labels
+    log.info("resumed from %s after epoch %d", last_path, state.epoch)
+    return state
+
+
+def _resolved_config(config: TrainConfig, data: _Data, rt: _Runtime) -> dict[str, Any]:
+    """``config.json`` and the checkpoint's ``config``: the config plus what was resolved."""
+    return {**config.to_dict(), "resolved": {
+        "device": str(rt.device), "m_per_class": data.m_per_class,
+        "batch_size": data.batch_size, "steps_per_epoch": data.steps_per_epoch,
+        "workers": rt.workers, "classes": data.classes, "threads": torch.get_num_threads(),
+        "channels_last": rt.channels_last,
+        "autocast": str(rt.amp_dtype) if rt.amp_dtype else None,
+        "world_size": rt.dctx.world_size, "global_batch_size": data.global_batch,
     }}  # fmt: skip
-    if main:
-        (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
-    log.info(
-        "training %s + %s on %s: %d train images, %d steps/epoch of %d (%d per class), %d epochs",
-        config.encoder, config.loss, device, len(train_set), steps_per_epoch, batch_size,
-        m_per_class, config.epochs,
-    )  # fmt: skip
 
-    def save_best(metrics: Mapping[str, Any]) -> None:
-        assert best_state is not None
-        if not main:
-            return
-        snapshot = copy.deepcopy(encoder).cpu()
-        snapshot.load_state_dict(best_state)
-        save_checkpoint(
-            best_path,
-            encoder=snapshot,
-            encoder_name=config.encoder,
-            encoder_kwargs=config.encoder_kwargs,
-            preprocessing=spec,
-            classes=classes,
-            config=config_dict,
-            metrics=metrics,
-        )
 
-    def validate(split: str) -> dict[str, Any] | None:
-        """k-NN evaluation of ``split`` against the train split as references."""
-        if split not in datasets:
-            return None
-        kw = {"batch_size": config.eval_batch_size, "device": device,
-              "channels_last": channels_last, "autocast_dtype": amp_dtype}  # fmt: skip
-        ddp.sync_buffers(encoder, dctx)  # BatchNorm statistics of rank 0, as checkpointed
-
-        def embed(ds: XrayDataset) -> np.ndarray:  # each rank embeds a share, all get all
-            mine = [ds[i][0] for i in ddp.shard_indices(len(ds), dctx)]
-            return ddp.gather_rows(embed_tensors(encoder, mine, **kw), len(ds), dctx)
-
-        refs, queries_set = embed(train_set), datasets[split]
-        queries = embed(queries_set)
-        if not main:  # rank 0 scores; every rank gets its report (same decisions everywhere)
-            return ddp.broadcast_object(None, dctx)
-        return ddp.broadcast_object(
-            evaluate_embeddings(
-                refs,
-                [classes[i] for i in train_set.labels],
-                queries,
-                [classes[i] for i in queries_set.labels],
-                classes=classes,
-                k=config.knn_k,
-                episodes=config.n_way_episodes if split == "test" else 200,
-                seed=config.seed,
-                query_sources=[s.source for s in queries_set.samples],
-            ),
-            dctx,
-        )
-
-    # ---- epochs -------------------------------------------------------------------------
-    total_steps = config.epochs * steps_per_epoch
+def _fit(
+    config: TrainConfig,
+    data: _Data,
+    model: _Model,
+    rt: _Runtime,
+    step_module: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    state: TrainingProgress,
+    last_path: Path,
+    save_best: Callable[[Mapping[str, Any]], None],
+    progress: Callable[[float], None] | None,
+) -> None:
+    """The epochs from ``state.epoch`` on: train, validate, keep the best, write ``last.pt``;
+    stop early after ``patience`` epochs without improvement. Updates ``state``."""
+    main = rt.dctx.is_main
     show_bar = config.progress_bar if config.progress_bar is not None else sys.stderr.isatty()
     bar = _make_progress(show_bar and main)
     if bar is not None:
         bar.start()
     try:
-        for epoch in range(start_epoch, config.epochs):
-            encoder.train()
-            criterion.train()
-            task = (
-                bar.add_task(
-                    f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, loss=0.0, ips=0.0
-                )
-                if bar is not None
-                else None
-            )
-            loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
-            for step, (x, y) in enumerate(loader):
-                if step >= steps_per_epoch:
-                    break
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                loss = step_module(x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip:
-                    nn.utils.clip_grad_norm_(
-                        [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip
-                    )
-                optimizer.step()
-                scheduler.step()
-                loss_sum += float(loss.detach()) * len(y)
-                seen += len(y)
-                done = epoch * steps_per_epoch + step + 1
-                if progress is not None and main:
-                    progress(0.98 * done / total_steps)
-                if task is not None:
-                    ips = seen / max(time.perf_counter() - t0, 1e-9)
-                    bar.update(task, advance=1, loss=loss_sum / seen, ips=ips)
-            train_seconds = time.perf_counter() - t0
-            loss_sum, seen = ddp.sum_across(dctx, loss_sum, seen)  # the global batch's mean
-            report = validate("val")
-            row: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(seen, 1),
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_second": seen / max(train_seconds, 1e-9),
-                "train_seconds": train_seconds,
-                "epoch_seconds": time.perf_counter() - t0,
-            }
+        for epoch in range(state.epoch, config.epochs):
+            row = _train_epoch(epoch, config, data, model, rt, step_module, bar, progress)
+            report = _validate("val", config, data, model, rt)
             if report is not None:
                 s = _summary(report)
                 row.update(
@@ -711,94 +762,163 @@ def train(
                     val_mean_distance_balanced_accuracy=s["mean_distance_balanced_accuracy"],
                     val_recall=s["recall"],
                 )
-            history.append(row)
+            state.history.append(row)
+            state.epoch = epoch + 1
             # The mean over sources of their balanced accuracy: a small source (a second
             # hospital) counts as much as a large one. No validation split: the last epoch.
             score = row.get("val_source_balanced_accuracy", float(epoch))
-            improved = score > best_score
+            improved = score > state.best_score
             if improved:
-                best_score, best_epoch, stale = score, epoch + 1, 0
-                best_val = _summary(report) if report is not None else None
-                best_state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
-                save_best({"best_epoch": best_epoch, "val": best_val})
+                state.best_score, state.best_epoch, state.stale = score, epoch + 1, 0
+                state.best_val = _summary(report) if report is not None else None
+                state.best_state = _cpu_state(model.encoder)
+                save_best({"best_epoch": state.best_epoch, "val": state.best_val})
             else:
-                stale += 1
+                state.stale += 1
             log.info(
                 "epoch %d/%d: loss %.4f, %.1f img/s, val source-balanced k-NN acc %s%s",
                 epoch + 1, config.epochs, row["train_loss"], row["images_per_second"],
                 f"{score:.4f}" if report is not None else "n/a", " (best)" if improved else "",
             )  # fmt: skip
-            ranks_rng = ddp.gather_objects(_rng_state(), dctx)
+            ranks_rng = ddp.gather_objects(capture_rng(), rt.dctx)
             if main:
-                atomic_torch_save(
-                    {
-                        "epoch": epoch + 1,
-                        "encoder": encoder.state_dict(),
-                        "loss": criterion.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": ranks_rng[0],
-                        "rng_ranks": ranks_rng,
-                        "history": history,
-                        "best_score": best_score,
-                        "best_epoch": best_epoch,
-                        "stale": stale,
-                        "best_val": best_val,
-                        "best_state": best_state,
-                        "sampler_labels": list(getattr(sampler, "labels", []) or []) or None,
-                        "config": config.to_dict(),
-                    },
+                save_training_state(
                     last_path,
+                    progress=state,
+                    parts=model.parts(),
+                    rng_ranks=ranks_rng,
+                    sampler_labels=list(getattr(data.sampler, "labels", []) or []) or None,
+                    config=config.to_dict(),
                 )
-            if config.patience is not None and stale >= config.patience:
-                log.info("early stopping: no validation improvement for %d epochs", stale)
+            if config.patience is not None and state.stale >= config.patience:
+                log.info("early stopping: no validation improvement for %d epochs", state.stale)
                 break
     finally:
         if bar is not None:
             bar.stop()
 
-    # ---- final evaluation with the best weights -----------------------------------------
-    if best_state is None:  # resumed a finished run with nothing new to do
-        best_state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
-    encoder.load_state_dict(best_state)
-    final_split = "test" if "test" in datasets else "val"
-    test_report = validate(final_split)
-    minutes = (time.perf_counter() - started) / 60.0
-    throughput = [h["images_per_second"] for h in history]
-    metrics: dict[str, Any] = {
-        "encoder": config.encoder,
-        "loss": config.loss,
-        "device": str(device),
-        "classes": classes,
-        "splits": summarise(splits),
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "minutes": minutes,
-        "images_per_second": float(np.mean(throughput)) if throughput else None,
-        "history": history,
-        "val": best_val,
-        "evaluated_split": final_split if test_report is not None else None,
-        "test": test_report,
+
+def _train_epoch(
+    epoch: int,
+    config: TrainConfig,
+    data: _Data,
+    model: _Model,
+    rt: _Runtime,
+    step_module: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    bar: Any,
+    progress: Callable[[float], None] | None,
+) -> dict[str, Any]:
+    """One epoch of optimiser steps; returns its history row (loss over every rank)."""
+    model.encoder.train()
+    model.criterion.train()
+    steps = data.steps_per_epoch
+    task = (
+        bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps, loss=0.0, ips=0.0)
+        if bar is not None
+        else None
+    )
+    total_steps = config.epochs * steps
+    optimizer = model.optimizer
+    loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+    for step, (x, y) in enumerate(data.loader):
+        if step >= steps:
+            break
+        x = x.to(rt.device, non_blocking=True)
+        y = y.to(rt.device, non_blocking=True)
+        if rt.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = step_module(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip
+            )
+        optimizer.step()
+        model.scheduler.step()
+        loss_sum += float(loss.detach()) * len(y)
+        seen += len(y)
+        if progress is not None and rt.dctx.is_main:
+            progress(0.98 * (epoch * steps + step + 1) / total_steps)
+        if task is not None:
+            ips = seen / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=1, loss=loss_sum / seen, ips=ips)
+    train_seconds = time.perf_counter() - t0
+    loss_sum, seen = ddp.sum_across(rt.dctx, loss_sum, seen)  # the global batch's mean
+    return {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / max(seen, 1),
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_second": seen / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds,
+        "epoch_seconds": time.perf_counter() - t0,
     }
-    metrics["world_size"] = world
-    save_best({
-        "best_epoch": best_epoch, "val": best_val, "minutes": minutes,
-        "test": _summary(test_report) if test_report is not None else None,
-    })  # fmt: skip
-    if main:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        _write_plots(run_dir, history, test_report, final_split, encoder, datasets, classes,
-                     config, device, channels_last, amp_dtype)  # fmt: skip
-    if progress is not None and main:
-        progress(1.0)
-    if test_report is not None:
-        s = _summary(test_report)
-        log.info(
-            "%s k-NN balanced accuracy %.4f, recall %s (%.1f min)",
-            final_split, s["balanced_accuracy"],
-            {k: round(v, 3) for k, v in s["recall"].items()}, minutes,
-        )  # fmt: skip
-    return TrainResult(run_dir=run_dir, checkpoint=best_path, metrics=metrics)
+
+
+def _validate(
+    split: str, config: TrainConfig, data: _Data, model: _Model, rt: _Runtime
+) -> dict[str, Any] | None:
+    """k-NN evaluation of ``split`` against the train split as references (None: no split)."""
+    if split not in data.datasets:
+        return None
+    dctx, encoder = rt.dctx, model.encoder
+    kw = {"batch_size": config.eval_batch_size, "device": rt.device,
+          "channels_last": rt.channels_last, "autocast_dtype": rt.amp_dtype}  # fmt: skip
+    ddp.sync_buffers(encoder, dctx)  # BatchNorm statistics of rank 0, as checkpointed
+
+    def embed(ds: XrayDataset) -> np.ndarray:  # each rank embeds a share, all get all
+        mine = [ds[i][0] for i in ddp.shard_indices(len(ds), dctx)]
+        return ddp.gather_rows(embed_tensors(encoder, mine, **kw), len(ds), dctx)
+
+    train_set, queries_set = data.train_set, data.datasets[split]
+    refs = embed(train_set)
+    queries = embed(queries_set)
+    if not dctx.is_main:  # rank 0 scores; every rank gets its report (same decisions everywhere)
+        return ddp.broadcast_object(None, dctx)
+    classes = data.classes
+    return ddp.broadcast_object(
+        evaluate_embeddings(
+            refs,
+            [classes[i] for i in train_set.labels],
+            queries,
+            [classes[i] for i in queries_set.labels],
+            classes=classes,
+            k=config.knn_k,
+            episodes=config.n_way_episodes if split == "test" else 200,
+            seed=config.seed,
+            query_sources=[s.source for s in queries_set.samples],
+        ),
+        dctx,
+    )
+
+
+def _cpu_state(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+
+
+def _save_best(
+    path: Path,
+    state: TrainingProgress,
+    model: _Model,
+    data: _Data,
+    config: TrainConfig,
+    config_dict: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+) -> None:
+    """``encoder.pt``: the best weights so far as a self-describing checkpoint."""
+    assert state.best_state is not None
+    snapshot = copy.deepcopy(model.encoder).cpu()
+    snapshot.load_state_dict(state.best_state)
+    save_checkpoint(
+        path,
+        encoder=snapshot,
+        encoder_name=config.encoder,
+        encoder_kwargs=config.encoder_kwargs,
+        preprocessing=data.spec,
+        classes=data.classes,
+        config=config_dict,
+        metrics=metrics,
+    )
 
 
 def _write_plots(

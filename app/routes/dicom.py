@@ -25,14 +25,13 @@ from fastapi.responses import JSONResponse
 
 from app.db import Prediction
 from app.db.session import SessionDep
-from app.deps import AdminKey, ReaderKey, SettingsDep
+from app.deps import AdminKey, MetricsDep, OutboxDep, ReaderKey, ServiceDep, SettingsDep
 from app.dicom.outbox import OutboxWorker, configured_destination, list_deliveries
 from app.dicom.receive import Outcome, Received, receive_instance
 from app.dicom.schemas import DeliveriesPublic, DeliveryPublic, DeliveryStatus
 from app.dicom.sr import build_sr, to_bytes
 from app.schemas import ErrorPublic
 from app.schemas_predict import PredictionPublic
-from app.state import ServiceState
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +59,6 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorPublic, "description": "Missing, unknown or revoked API key"},
     403: {"model": ErrorPublic, "description": "The key's role is too low"},
 }
-
-
-def _service(request: Request) -> ServiceState:
-    service: ServiceState | None = getattr(request.app.state, "service", None)
-    if service is None:
-        raise HTTPException(503, "The prediction service is not started; check the server log.")
-    return service
 
 
 # -- STOW-RS ----------------------------------------------------------------------------------
@@ -144,10 +136,15 @@ def _item(result: Received, *, base_url: str) -> dict[str, Any]:
     },
 )
 async def stow_studies(
-    request: Request, session: SessionDep, settings: SettingsDep, key: ReaderKey
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: ReaderKey,
+    service: ServiceDep,
+    metrics: MetricsDep,
+    outbox: OutboxDep,
 ) -> Response:
     boundary = _boundary(request.headers.get("content-type", ""))
-    service = _service(request)
     api_key_id = key.id
     session.close()  # give the auth check's connection back while the body streams in
     body = await request.body()
@@ -171,12 +168,10 @@ async def stow_studies(
             via="stow-rs",
         )
         results.append(await anyio.to_thread.run_sync(work, limiter=service.limiter))
-    worker = getattr(request.app.state, "dicom_outbox", None)
-    if worker is not None and any(r.queued for r in results):
-        worker.wake()
-    metrics = getattr(request.app.state, "metrics", None)
+    if outbox is not None and any(r.queued for r in results):
+        outbox.wake()
     for result in results:
-        if metrics is not None and result.answer is not None:
+        if result.answer is not None:
             metrics.count_prediction(label=result.answer.label, unknown=result.answer.unknown)
     base_url = str(request.base_url).rstrip("/")
     stored = [_item(r, base_url=base_url) for r in results if r.ok]

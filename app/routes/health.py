@@ -1,7 +1,7 @@
 """Liveness (`/health`), readiness (`/ready`) and Prometheus (`/metrics`); no key needed.
 
 `/ready` is what a load balancer should poll: it is 503 until the database answers and the
-inference side reports a loaded model and index (`app.state.service.readiness()`), with every
+inference side reports a loaded model and index (`ServiceState.readiness()`), with every
 missing piece listed and how to fix it.
 """
 
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app.db import get_index_version
+from app.deps import MaybeServiceDep, MetricsDep, SessionFactoryDep
 from app.schemas import ErrorPublic, HealthPublic, ReadyPublic
 
 logger = logging.getLogger(__name__)
@@ -21,8 +22,8 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 NO_SERVICE_REASON = (
-    "no active model (register one with `cxr models add CKPT --activate`): the prediction "
-    "service is not installed in this build"
+    "the prediction service is not started, so no model is loaded (register one with "
+    "`cxr models add CKPT --activate`); check the server log"
 )
 
 
@@ -37,19 +38,18 @@ def health() -> HealthPublic:
     responses={503: {"model": ErrorPublic, "description": "Not ready; the reasons are listed"}},
     summary="Readiness: database reachable, model and index loaded",
 )
-def ready(request: Request) -> Response:
+def ready(sessions: SessionFactoryDep, service: MaybeServiceDep) -> Response:
     reasons: list[str] = []
     index_version: int | None = None
     try:
-        with request.app.state.sessionmaker() as session:
+        with sessions() as session:
             session.execute(text("SELECT 1"))
             index_version = get_index_version(session)
     except Exception as exc:
         logger.warning("readiness: database unreachable", extra={"error": str(exc)[:200]})
         reasons.append(f"database unreachable ({exc.__class__.__name__}); check CXR_DATABASE_URL")
-    service = getattr(request.app.state, "service", None)
     model_version = None
-    if service is None or not hasattr(service, "readiness"):
+    if service is None:
         reasons.append(NO_SERVICE_REASON)
     else:
         try:
@@ -81,8 +81,8 @@ def health_head() -> Response:
 
 
 @router.head("/ready", include_in_schema=False)
-def ready_head(request: Request) -> Response:
-    return Response(status_code=ready(request).status_code)
+def ready_head(sessions: SessionFactoryDep, service: MaybeServiceDep) -> Response:
+    return Response(status_code=ready(sessions, service).status_code)
 
 
 @router.get(
@@ -91,6 +91,5 @@ def ready_head(request: Request) -> Response:
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}}},
 )
-def metrics(request: Request) -> Response:
-    m = request.app.state.metrics
+def metrics(m: MetricsDep) -> Response:
     return Response(content=m.render(), media_type=m.content_type)

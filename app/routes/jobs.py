@@ -13,12 +13,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, FastAPI, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, FastAPI, HTTPException, Query, status
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import Settings, get_settings
-from app.deps import AdminKey, SessionDep
+from app.config import Settings
+from app.deps import AdminKey, JobRunnerDep, SessionDep, SessionFactoryDep, SettingsDep
 from app.jobs.heartbeat import Reaper, reap_stale_jobs
 from app.jobs.options import JobOptions
 from app.jobs.runner import JobRunner, create_runner
@@ -35,29 +34,13 @@ from app.services.jobs import (
 logger = logging.getLogger(__name__)
 
 
-def _app_settings(app: FastAPI) -> Settings:
-    settings = getattr(app.state, "settings", None)
-    return settings if settings is not None else get_settings()
-
-
-def _app_sessionmaker(app: FastAPI, settings: Settings) -> sessionmaker[Session]:
-    factory = getattr(app.state, "sessionmaker", None)
-    if factory is None:  # an app built without the foundation's lifespan (unusual)
-        from app.db.session import create_db_engine, create_sessionmaker
-
-        factory = create_sessionmaker(create_db_engine(settings))
-        app.state.sessionmaker = factory
-    return factory
-
-
 def start_jobs(app: FastAPI) -> JobRunner:
     """Create the app's runner and reaper (idempotent); returns the runner."""
-    runner: JobRunner | None = getattr(app.state, "job_runner", None)
-    if runner is not None:
-        return runner
-    settings = _app_settings(app)
+    if app.state.job_runner is not None:
+        return app.state.job_runner
+    settings: Settings = app.state.settings
     options = JobOptions.from_settings(settings)
-    factory = _app_sessionmaker(app, settings)
+    factory = app.state.sessionmaker
     runner = create_runner(settings, factory=factory, options=options)
     app.state.job_runner = runner
     app.state.job_options = options
@@ -72,11 +55,11 @@ def start_jobs(app: FastAPI) -> JobRunner:
 
 def stop_jobs(app: FastAPI) -> None:
     """Stop the reaper and the runner started by `start_jobs`."""
-    reaper: Reaper | None = getattr(app.state, "job_reaper", None)
+    reaper: Reaper | None = app.state.job_reaper
     if reaper is not None:
         reaper.stop()
         app.state.job_reaper = None
-    runner: JobRunner | None = getattr(app.state, "job_runner", None)
+    runner: JobRunner | None = app.state.job_runner
     if runner is not None:
         runner.shutdown(wait=False)
         app.state.job_runner = None
@@ -125,12 +108,6 @@ class JobPublic(BaseModel):
     heartbeat_at: str | None = None
 
 
-def _runner(request: Request) -> JobRunner:
-    # Normally created by the lifespan; an app used without it (a TestClient outside `with`)
-    # gets one on first use rather than a confusing error.
-    return start_jobs(request.app)
-
-
 @router.post(
     "/admin/retrain",
     status_code=status.HTTP_202_ACCEPTED,
@@ -138,18 +115,16 @@ def _runner(request: Request) -> JobRunner:
     responses={409: {"description": "A retrain is already queued or running"}},
 )
 def retrain(
-    request: Request,
     session: SessionDep,
+    settings: SettingsDep,
+    runner: JobRunnerDep,
     _key: AdminKey,
     body: Annotated[RetrainRequest | None, Body()] = None,
 ) -> JobAccepted:
     """Start a retrain on the enrolled references; poll `GET /jobs/{job_id}`."""
     params = (body or RetrainRequest()).model_dump(exclude_none=True)
-    settings = _app_settings(request.app)
     try:
-        job = submit_retrain(
-            session=session, settings=settings, params=params, runner=_runner(request)
-        )
+        job = submit_retrain(session=session, settings=settings, params=params, runner=runner)
     except InvalidRetrainParamsError as exc:
         raise HTTPException(422, detail=str(exc)) from exc
     except JobConflictError as exc:
@@ -168,7 +143,13 @@ def jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic)
-def job(job_id: str, request: Request, session: SessionDep, _key: AdminKey) -> dict[str, Any]:
+def job(
+    job_id: str,
+    session: SessionDep,
+    sessions: SessionFactoryDep,
+    settings: SettingsDep,
+    _key: AdminKey,
+) -> dict[str, Any]:
     """Status, progress (0..1), metrics, model version and error of one job."""
     found = get_job(session=session, job_id=job_id)
     if found is None:
@@ -178,9 +159,8 @@ def job(job_id: str, request: Request, session: SessionDep, _key: AdminKey) -> d
         )
     if found.status == "running":
         # Lazy reaping: a job whose worker died reads `failed` at once, not after the next pass.
-        settings = _app_settings(request.app)
         result = reap_stale_jobs(
-            _app_sessionmaker(request.app, settings),
+            sessions,
             options=JobOptions.from_settings(settings),
             job_id=job_id,
             work_root=settings.data_dir / "jobs",

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException
 
 from app.db.session import SessionDep
-from app.deps import AdminKey, SettingsDep
+from app.deps import AdminKey, MaybeServiceDep, SettingsDep
 from app.schemas import ErrorPublic
 from app.schemas_predict import ModelPublic
 from app.services.models import (
@@ -54,7 +54,11 @@ def read_models(session: SessionDep, _key: AdminKey) -> list[ModelPublic]:
     summary="Serve this model version from the next request on (promotion or rollback)",
 )
 def activate(
-    version: str, request: Request, session: SessionDep, settings: SettingsDep, _key: AdminKey
+    version: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    _key: AdminKey,
+    service: MaybeServiceDep,
 ) -> ModelPublic:
     try:
         row = activate_model(session=session, version=version, settings=settings)
@@ -62,7 +66,6 @@ def activate(
         raise HTTPException(status_code=404, detail=str(exc)) from exc
     except ModelFileMissingError as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from exc
-    service = getattr(request.app.state, "service", None)
     if service is not None:
         try:
             service.refresh(wait=True)  # load it now rather than in the next prediction

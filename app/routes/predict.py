@@ -1,7 +1,8 @@
 """`POST /predict` (reader): classify one chest X-ray against the enrolled references.
 
-The route only does HTTP work: it refuses an oversized body while it streams in (413 before the
-multipart parser spools it), reads the file with the byte limit, then runs the whole CPU part
+The route only does HTTP work (`app.main.BodyLimitMiddleware` has already refused an oversized
+body while it streamed in, 413 before the multipart parser spools it): it reads the file with
+the byte limit, then runs the whole CPU part
 (`app.services.predict.predict`: decode, preprocess, forward, search, Grad-CAM, audit row) in a
 worker thread under the service's capacity limiter, so the event loop keeps serving health
 checks and other requests while at most `inference_workers` inferences share the cores.
@@ -10,74 +11,26 @@ checks and other requests while at most `inference_workers` inferences share the
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Response, UploadFile
-from fastapi.routing import APIRoute
-from starlette.types import Message
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
 
 from app.db.session import SessionDep
-from app.deps import ReaderKey, SettingsDep, single_form_fields
+from app.deps import MetricsDep, ReaderKey, ServiceDep, SettingsDep, single_form_fields
 from app.schemas import ErrorPublic
 from app.schemas_predict import Method, PredictionPublic
 from app.services.predict import MAX_K, PredictionUnavailableError, predict
-from app.state import ServiceState
 from training.imaging import ImageTooLargeError
 
 logger = logging.getLogger(__name__)
 
-#: Room for the multipart envelope (boundaries, part headers) around the file itself.
-MULTIPART_OVERHEAD = 64 * 1024
 CHUNK = 1024 * 1024
 
-
-def _too_large(limit: int) -> HTTPException:
-    return HTTPException(
-        status_code=413,
-        detail=f"The upload is over the limit of {limit} bytes (CXR_MAX_UPLOAD_MB); "
-        "compress or downscale the image and send it again.",
-    )
-
-
-class UploadLimitRoute(APIRoute):
-    """An APIRoute that caps the request body at the per-file upload limit plus envelope.
-
-    The app-wide limit is sized for multi-file enrollment; a prediction carries one image, so it
-    gets the tighter per-file limit, checked from Content-Length and while streaming, before
-    FastAPI's form parsing spools the body to disk.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def limited_handler(request: Request) -> Response:
-            settings = request.app.state.settings
-            file_limit = settings.max_upload_bytes
-            limit = file_limit + MULTIPART_OVERHEAD
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
-                raise _too_large(file_limit)
-            receive = request.receive
-            received = 0
-
-            async def limited_receive() -> Message:
-                nonlocal received
-                message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > limit:
-                        raise _too_large(file_limit)
-                return message
-
-            return await handler(Request(request.scope, limited_receive))
-
-        return limited_handler
-
-
-router = APIRouter(tags=["predict"], route_class=UploadLimitRoute)
+#: A prediction carries one image: its whole body is capped at the per-file upload limit (plus
+#: the multipart envelope) by `app.main.BodyLimitMiddleware`, not the multi-file request limit.
+router = APIRouter(tags=["predict"])
 
 PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorPublic, "description": "Empty, unreadable or corrupt image"},
@@ -88,16 +41,6 @@ PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorPublic, "description": "Missing or repeated file, invalid k / method"},
     503: {"model": ErrorPublic, "description": "No active model or no references enrolled"},
 }
-
-
-def _service(request: Request) -> ServiceState:
-    service: ServiceState | None = getattr(request.app.state, "service", None)
-    if service is None:
-        raise HTTPException(
-            status_code=503,
-            detail="The prediction service is not started; check the server log.",
-        )
-    return service
 
 
 async def read_upload(upload: UploadFile, *, limit: int) -> bytes:
@@ -127,6 +70,8 @@ async def create_prediction(
     session: SessionDep,
     settings: SettingsDep,
     key: ReaderKey,
+    service: ServiceDep,
+    metrics: MetricsDep,
     file: Annotated[UploadFile, File(description="The chest X-ray: PNG, JPEG or DICOM")],
     explain: Annotated[
         bool, Query(description="Add a Grad-CAM overlay (false skips it; faster)")
@@ -139,7 +84,6 @@ async def create_prediction(
         Method, Query(description="knn: distance-weighted vote; mean_distance: nearest class")
     ] = "knn",
 ) -> PredictionPublic:
-    service = _service(request)
     data = await read_upload(file, limit=settings.max_upload_bytes)
     api_key_id = key.id
     # Give the connection the auth check used back to the pool now: requests queued for the
@@ -161,7 +105,5 @@ async def create_prediction(
         answer = await anyio.to_thread.run_sync(work, limiter=service.limiter)
     except PredictionUnavailableError as exc:
         raise HTTPException(status_code=503, detail=str(exc)) from exc
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.count_prediction(label=answer.label, unknown=answer.unknown)
+    metrics.count_prediction(label=answer.label, unknown=answer.unknown)
     return answer

@@ -22,7 +22,15 @@ from fastapi import (
 )
 
 from app.db.session import SessionDep
-from app.deps import AdminKey, ClinicianKey, ReaderKey, SettingsDep, single_form_fields
+from app.deps import (
+    AdminKey,
+    ClinicianKey,
+    MaybeServiceDep,
+    ReaderKey,
+    SettingsDep,
+    ThumbnailCacheDep,
+    single_form_fields,
+)
 from app.schemas import (
     ErrorPublic,
     ReferenceEnrolledPublic,
@@ -43,10 +51,8 @@ from app.services.thumbnails import (
     MAX_SIZE,
     MIN_SIZE,
     ReferenceImageMissingError,
-    ThumbnailCache,
     reference_thumbnail,
 )
-from app.state import ServiceState
 from training.imaging import ImageTooLargeError
 
 logger = logging.getLogger(__name__)
@@ -88,12 +94,6 @@ def read_upload(upload: UploadFile, *, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _service(request: Request) -> ServiceState | None:
-    """This process's prediction state, told about every change so its next prediction uses
-    it without a rebuild (other processes poll `index_version`)."""
-    return getattr(request.app.state, "service", None)
-
-
 @router.post(
     "",
     status_code=201,
@@ -107,6 +107,7 @@ def create_references(
     session: SessionDep,
     settings: SettingsDep,
     key: ClinicianKey,
+    service: MaybeServiceDep,
     file: Annotated[list[UploadFile], File(description="One or more PNG, JPEG or DICOM images")],
     label: Annotated[str, Form(description="Class label (new labels create a new class)")],
     source: Annotated[
@@ -135,7 +136,7 @@ def create_references(
             label=label,
             enrolled_by=key.id,
             settings=settings,
-            service=_service(request),
+            service=service,
             source=source,
         )
     except ReferenceConflictError as exc:
@@ -175,13 +176,14 @@ def remove_reference(
     session: SessionDep,
     settings: SettingsDep,
     _key: AdminKey,
+    service: MaybeServiceDep,
 ) -> Response:
     try:
         delete_reference(
             session=session,
             reference_id=reference_id,
             settings=settings,
-            service=_service(request),
+            service=service,
         )
     except ReferenceNotFoundError as exc:
         raise HTTPException(
@@ -208,11 +210,11 @@ def read_reference_image(
     session: SessionDep,
     settings: SettingsDep,
     _key: ReaderKey,
+    cache: ThumbnailCacheDep,
     size: Annotated[
         int, Query(ge=MIN_SIZE, le=MAX_SIZE, description="longer side in pixels (never enlarged)")
     ] = DEFAULT_SIZE,
 ) -> Response:
-    cache: ThumbnailCache | None = getattr(request.app.state, "thumbnail_cache", None)
     try:
         thumb = reference_thumbnail(
             session=session, reference_id=reference_id, size=size, settings=settings, cache=cache

@@ -37,7 +37,6 @@ from app.schemas_predict import GradcamPublic, NeighborPublic, PredictionPublic
 from app.services.uploads import decode_upload
 from app.state import NO_MODEL_REASON, NO_REFERENCES_REASON, ModelBundle, ServiceState
 from index.reference_index import METHODS, IndexResult
-from training.deidentify import clean_for_storage
 from training.imaging import (
     CorruptImageError,
     ImageError,
@@ -45,6 +44,7 @@ from training.imaging import (
     decode_image,
     sniff_format,
 )
+from training.imaging.deidentify import clean_for_storage
 from training.ood import is_out_of_distribution
 from training.preprocess import preprocess
 

@@ -50,13 +50,13 @@ from app.db import Reference, bump_index_version, new_id, utcnow
 from app.files import atomic_write_bytes
 from app.services.locks import reference_locks
 from app.services.uploads import decode_upload
-from training.deidentify import clean_for_storage
 from training.imaging import (
     CorruptImageError,
     ImageError,
     ImageFormat,
     sniff_format,
 )
+from training.imaging.deidentify import clean_for_storage
 
 if TYPE_CHECKING:
     from app.state import LoadedModel, ServiceState

@@ -20,8 +20,8 @@ from app.db import Prediction, Reference
 from app.main import create_app
 from tests.app.conftest import new_key
 from tests.app.conftest_predict import enroll, post_predict, register_in, synthetic_xray
-from training.deidentify import clean_for_storage, find_identifying_content
 from training.imaging import decode_image
+from training.imaging.deidentify import clean_for_storage, find_identifying_content
 
 SECRETS = {
     "PatientName": "SECRET^NAME",

@@ -12,8 +12,8 @@ from PIL import Image, PngImagePlugin
 
 from app.db import Reference
 from tests.app.conftest_predict import synthetic_xray
-from training.deidentify import clean_for_storage, find_identifying_content
 from training.imaging import decode_image
+from training.imaging.deidentify import clean_for_storage, find_identifying_content
 
 MARKERS = [b"SECRET-TEXT", b"SECRET-ITXT", b"SECRET-EXIF", b"SECRET-XMP", b"SECRET-COM"]
 

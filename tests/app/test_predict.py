@@ -168,7 +168,7 @@ def test_stored_prediction_images_are_deidentified(make_settings, checkpoint_a, 
     from app.main import create_app
     from tests.app.conftest import new_key
     from tests.app.conftest_predict import register_in
-    from training.imaging import find_dicom_identifiers
+    from training.imaging.deidentify import find_identifying_content
 
     settings = make_settings(store_prediction_images=True)
     app = create_app(settings)
@@ -193,7 +193,7 @@ def test_stored_prediction_images_are_deidentified(make_settings, checkpoint_a, 
             row = session.get(Prediction, answer["id"])
             assert row is not None and row.image_path is not None
         stored = (settings.data_dir / row.image_path).read_bytes()
-        assert find_dicom_identifiers(stored) == []
+        assert find_identifying_content(stored) == []
         assert b"DOE^JANE" not in stored and b"PID-4711-0815" not in stored
 
 

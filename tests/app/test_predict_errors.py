@@ -71,7 +71,8 @@ def test_upload_over_byte_limit(make_settings, checkpoint_a) -> None:
         reader = {"X-API-Key": new_key(app, "reader")}
         big = png_bytes(seed=3, size=(400, 400))  # pure noise: ~160 kB
         assert len(big) > 0.05 * 1024 * 1024 + 64 * 1024
-        assert_error(post_predict(client, reader, big), 413, "limit")
+        # One image: the body limit is the per-file one (52 kB + envelope), not the request's.
+        assert_error(post_predict(client, reader, big), 413, "CXR_MAX_UPLOAD_MB", "send it again")
         # Within the envelope allowance but over the per-file limit: refused while reading.
         medium = png_bytes(seed=4, size=(280, 280))
         assert 0.05 * 1024 * 1024 < len(medium) <= 0.05 * 1024 * 1024 + 64 * 1024, len(medium)

@@ -20,9 +20,9 @@ from training.imaging import (
     ImageFormat,
     ImageTooLargeError,
     UnsupportedImageError,
+    clean_for_storage,
     decode_image,
-    deidentify_dicom,
-    find_dicom_identifiers,
+    find_identifying_content,
     read_image_size,
     sniff_format,
 )
@@ -271,18 +271,18 @@ def test_every_truncation_is_corrupt_never_another_exception(kind: str, cut: str
 
 
 def test_unexpected_decoder_exceptions_become_corrupt(monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.imaging as imaging
+    from training.imaging import dicom
 
     def boom(*args: object, **kwargs: object) -> None:
         raise KeyError("MPO")
 
     data = _noisy_png_and_jpeg()["jpeg"]
-    monkeypatch.setattr(imaging.Image, "open", boom)
+    monkeypatch.setattr(Image, "open", boom)
     with pytest.raises(CorruptImageError, match="KeyError"):
         decode_image(data)
     with pytest.raises(CorruptImageError):
         read_image_size(data)
-    monkeypatch.setattr(imaging, "_dcmread", boom)
+    monkeypatch.setattr(dicom, "bounded_dcmread", boom)
     with pytest.raises(CorruptImageError):
         decode_image(dicom_bytes(gradient()))
 
@@ -438,24 +438,24 @@ def test_deidentify_removes_patient_identifiers_and_keeps_pixels() -> None:
     ds.save_as(buf)
     data = buf.getvalue()
     assert b"Doe^Jane" in data and b"PID-0042" in data
-    assert "PatientName" in find_dicom_identifiers(data)
+    assert "PatientName" in find_identifying_content(data)
 
-    clean = deidentify_dicom(data)
+    clean = clean_for_storage(data)
     for secret in (b"Doe^Jane", b"PID-0042", b"OTHER-777", b"Saint Nobody", b"ACC123"):
         assert secret not in clean
     assert b"House" not in clean and b"private copy" not in clean and b"19700101" not in clean
-    assert find_dicom_identifiers(clean) == []
+    assert find_identifying_content(clean) == []
     out = dcmread(io.BytesIO(clean))
     assert out.PatientIdentityRemoved == "YES"
     assert out.SOPInstanceUID != ds.SOPInstanceUID
     assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
     np.testing.assert_array_equal(decode_image(clean), decode_image(data))
     # deterministic, so duplicate uploads stay recognisable after de-identification
-    assert deidentify_dicom(data) == clean
+    assert clean_for_storage(data) == clean
 
 
-def test_deidentify_refuses_non_dicom() -> None:
+def test_cleaning_refuses_what_is_not_an_image() -> None:
     with pytest.raises(UnsupportedImageError):
-        deidentify_dicom(png_bytes(gradient()))
+        clean_for_storage(b"GIF89a not accepted")
     with pytest.raises(CorruptImageError):
-        deidentify_dicom(b"")
+        clean_for_storage(b"")

@@ -13,7 +13,7 @@ pixels exactly, and drops everything else:
   and study attributes, and the de-identification markers. The 128-byte preamble is zeroed and
   the file meta is rebuilt (no SourceApplicationEntityTitle, no PrivateInformation). Text burned
   into the pixels cannot be removed: a file that declares it (BurnedInAnnotation YES) is
-  refused with :class:`~training.imaging.DeidentificationError` (HTTP 422), never stored.
+  refused with :class:`~training.imaging.errors.DeidentificationError` (HTTP 422), never stored.
 * **PNG** keeps its critical chunks (IHDR, PLTE, IDAT, IEND) plus tRNS and sBIT, which affect
   decoding; tEXt, zTXt, iTXt, eXIf, iCCP, tIME, animation chunks and trailing bytes go.
 * **JPEG** keeps its coding segments; APPn and COM segments go, except a minimal JFIF APP0
@@ -31,19 +31,12 @@ import io
 import logging
 import struct
 import warnings
+from collections.abc import Callable
 from typing import Any
 
-from training.imaging import (
-    CorruptImageError,
-    DeidentificationError,
-    ImageFormat,
-    _format_or_raise,
-    _new_uid,
-    _read_bytes,
-    _read_dicom,
-    _safe,
-    _visit,
-)
+from training.imaging.dicom import read_dicom
+from training.imaging.errors import CorruptImageError, DeidentificationError, safe_message
+from training.imaging.formats import ImageFormat, format_or_raise, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +145,24 @@ _ALLOWED_TOP = DICOM_KEPT_KEYWORDS | set(_HASHED_UIDS) | set(_EMPTY_TYPE2) | set
 # --------------------------------------------------------------------------------------------
 
 
+_UID_SALT = "cxr-deidentify-v1"
+
+
+def _new_uid(value: str) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[_UID_SALT, str(value)]))
+
+
+def _visit(ds: Any, fn: Callable[[Any], None]) -> None:
+    """Apply ``fn`` to ``ds`` and every nested sequence item."""
+    fn(ds)
+    for elem in list(ds):
+        if elem.VR == "SQ" and elem.value is not None:
+            for item in elem.value:
+                _visit(item, fn)
+
+
 def _copy_sequence(elem: Any) -> Any:
     """A kept LUT sequence with only LUT descriptor, data and type in each item."""
     from pydicom.dataset import Dataset
@@ -175,7 +186,7 @@ def _clean_dicom(raw: bytes) -> bytes:
         SecondaryCaptureImageStorage,
     )
 
-    source = _read_dicom(raw, stop_before_pixels=False)
+    source = read_dicom(raw, stop_before_pixels=False)
     if str(getattr(source, "BurnedInAnnotation", "")).strip().upper() == "YES":
         raise DeidentificationError(
             "The DICOM file declares text burned into its pixels (BurnedInAnnotation YES), "
@@ -215,7 +226,7 @@ def _clean_dicom(raw: bytes) -> bytes:
     meta.FileMetaInformationVersion = b"\x00\x01"
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    # _read_dicom hands back an inflated Deflated data set as Explicit VR Little Endian.
+    # read_dicom hands back an inflated Deflated data set as Explicit VR Little Endian.
     meta.TransferSyntaxUID = ts
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "CXR_DEID_1"
@@ -240,7 +251,7 @@ def _dicom_findings(raw: bytes) -> list[str]:
     findings: list[str] = []
     if raw[128:132] == b"DICM" and raw[:128].strip(b"\x00"):
         findings.append("Preamble")
-    ds = _read_dicom(raw, stop_before_pixels=True)
+    ds = read_dicom(raw, stop_before_pixels=True)
     meta = getattr(ds, "file_meta", None)
     for elem in meta or []:
         if elem.keyword not in _META_KEYWORDS:
@@ -437,8 +448,8 @@ def clean_for_storage(data: bytes) -> bytes:
             still finds identifying content after cleaning (HTTP 422; never store it).
         CorruptImageError / UnsupportedImageError: not a readable PNG, JPEG or DICOM.
     """
-    raw = _read_bytes(data)
-    fmt = _format_or_raise(raw)
+    raw = read_bytes(data)
+    fmt = format_or_raise(raw)
     try:
         if fmt is ImageFormat.DICOM:
             cleaned = _clean_dicom(raw)
@@ -451,7 +462,7 @@ def clean_for_storage(data: bytes) -> bytes:
     except Exception as exc:
         raise DeidentificationError(
             f"The {fmt.name} file cannot be cleaned for storage ({exc.__class__.__name__}: "
-            f"{_safe(exc, 200)}); convert it to PNG and upload it again."
+            f"{safe_message(exc, 200)}); convert it to PNG and upload it again."
         ) from exc
     remaining = find_identifying_content(cleaned)
     if remaining:  # never store what we could not clean
@@ -468,8 +479,8 @@ def find_identifying_content(data: bytes) -> list[str]:
     """Names of what ``data`` holds beyond what :func:`clean_for_storage` keeps (empty when
     clean): DICOM attributes outside the allow-list, file meta extras and a non-zero preamble;
     PNG ancillary chunks; JPEG COM and APPn segments beyond the minimal ones; trailing data."""
-    raw = _read_bytes(data)
-    fmt = _format_or_raise(raw)
+    raw = read_bytes(data)
+    fmt = format_or_raise(raw)
     if fmt is ImageFormat.DICOM:
         return _dicom_findings(raw)
     if fmt is ImageFormat.PNG:

@@ -1,11 +1,4 @@
-"""Data sources, splits and the training data set.
-
-``load_source`` understands the four sources of the product contract and returns a flat list
-of :class:`Sample`; ``split_samples`` turns it into train/val/test (keeping given splits,
-otherwise stratified by label and grouped by patient so no patient leaks across splits);
-``XrayDataset`` decodes through :mod:`training.imaging` and :mod:`training.preprocess` (the
-same code the service uses), skipping unreadable files with one warning; ``balanced_sampler``
-builds batches that contain every class, because COVID-19 is about 2% of the images.
+"""Importers for the four data sources of the product contract, each returning ``Sample`` lists.
 
 Accepted sources (``src`` may be the folder or the CSV file itself):
 
@@ -15,6 +8,8 @@ Accepted sources (``src`` may be the folder or the CSV file itself):
 3. the CoronaHack folder with ``Chest_xray_Corona_Metadata.csv``;
 4. the COVID-19 image data collection (``metadata.csv`` with ``finding``, ``view``,
    ``modality``, ``filename``, ``patientid``; images under ``images/``).
+
+Files named by a source but missing on disk are counted, named in one warning and dropped.
 """
 
 from __future__ import annotations
@@ -25,38 +20,20 @@ import logging
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset
-
-from training.imaging import decode_image
-from training.preprocess import Preprocessing, preprocess, train_augmentation
+from training.data.samples import DataSourceError, Sample, class_counts, name_some
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ACCEPTED_SOURCES",
     "IMAGE_EXTENSIONS",
-    "SPLITS",
-    "DataSourceError",
-    "Sample",
-    "XrayDataset",
-    "balanced_sampler",
-    "class_counts",
-    "class_names",
-    "group_ids",
     "load_source",
     "load_sources",
     "source_name",
-    "split_samples",
-    "summarise",
 ]
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 CORONAHACK_CSV = "Chest_xray_Corona_Metadata.csv"
 COVID_COLLECTION_CSV = "metadata.csv"
@@ -79,33 +56,6 @@ _SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
-_MAX_NAMED = 10
-
-
-class DataSourceError(ValueError):
-    """A data source cannot be understood; the message lists what is accepted."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One labelled image on disk. ``split`` is None until :func:`split_samples` assigns it.
-
-    ``source`` names the data source (hospital, collection) the image came from. It is kept
-    because sources differ in ways a model can latch onto (age, scanner, burned-in text): the
-    sampler balances label x source, splits are made per source, and metrics are reported
-    per source.
-    """
-
-    path: Path
-    label: str
-    split: str | None = None
-    patient_id: str | None = None
-    source: str | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------
 
 
 def _normalise_split(value: str | None, *, where: str) -> str | None:
@@ -121,13 +71,6 @@ def _normalise_split(value: str | None, *, where: str) -> str | None:
             f"{where}: unknown split {value!r}; use one of train, val (validation), test, "
             "or leave it empty to let the split be computed"
         ) from None
-
-
-def _name_some(items: Sequence[Any], limit: int = _MAX_NAMED) -> str:
-    names = ", ".join(str(x) for x in items[:limit])
-    if len(items) > limit:
-        names += f", ... ({len(items) - limit} more)"
-    return names
 
 
 def _is_hidden(name: str) -> bool:
@@ -196,7 +139,7 @@ def _drop_missing(samples: list[Sample], source: Path) -> list[Sample]:
             source,
             len(missing),
             len(samples),
-            _name_some(missing),
+            name_some(missing),
         )
     return kept
 
@@ -345,7 +288,7 @@ def _load_coronahack(csv_path: Path) -> list[Sample]:
             csv_path,
             len(not_found),
             csv_path.parent,
-            _name_some(not_found),
+            name_some(not_found),
         )
     return samples
 
@@ -538,303 +481,3 @@ def load_sources(srcs: Sequence[Path | str]) -> list[Sample]:
         name = base if taken[base] == 1 else f"{base}-{taken[base]}"
         out.extend(load_source(src, name=name))
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Splits
-# --------------------------------------------------------------------------------------------
-
-
-def _group_key(sample: Sample, index: int) -> str:
-    return f"patient:{sample.patient_id}" if sample.patient_id else f"sample:{index}"
-
-
-def _grouped_stratified(
-    samples: Sequence[Sample], fractions: Mapping[str, float], seed: int
-) -> dict[str, list[Sample]]:
-    """Assign whole patient groups to splits, greedily matching per-class targets.
-
-    Groups are visited largest first (random order among equals, from ``seed``); each goes
-    to the split whose per-class quotas it fills best. This is exact enough for data sets of
-    any size, including the tiny ones the service retrains on, where sklearn's group K-fold
-    splitters refuse to run.
-    """
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, s in enumerate(samples):
-        groups[_group_key(s, i)].append(i)
-    totals = Counter(s.label for s in samples)
-    names = [name for name in fractions if fractions[name] > 0]
-    target = {n: {lab: fractions[n] * c for lab, c in totals.items()} for n in names}
-    current = {n: Counter() for n in names}
-
-    rng = np.random.default_rng(seed)
-    keys = sorted(groups)
-    order = rng.permutation(len(keys))
-    rank = {keys[j]: r for r, j in enumerate(order)}
-    keys.sort(key=lambda k: (-len(groups[k]), rank[k]))
-
-    assigned: dict[str, list[Sample]] = {n: [] for n in fractions}
-    for key in keys:
-        members = groups[key]
-        counts = Counter(samples[i].label for i in members)
-
-        def need(name: str, counts: Counter[str] = counts) -> float:
-            return sum(
-                n * (target[name][lab] - current[name][lab]) / totals[lab]
-                for lab, n in counts.items()
-            )
-
-        best = max(names, key=lambda n: (need(n), fractions[n]))
-        current[best].update(counts)
-        assigned[best].extend(dataclasses.replace(samples[i], split=best) for i in members)
-    return assigned
-
-
-def split_samples(
-    samples: Sequence[Sample],
-    *,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-    seed: int = 0,
-) -> dict[str, list[Sample]]:
-    """Split into ``{"train", "val", "test"}`` lists (always all three keys).
-
-    Splits given by the source are kept: with train and test only, val is carved out of
-    train (``val_fraction`` of it), likewise a missing test. Without given splits the samples
-    are split stratified by label and grouped by ``patient_id`` when present, so no patient
-    appears in two splits. Each source is split on its own (one source may give splits while
-    another does not), so every source is represented in every split. Deterministic for a
-    given ``seed``.
-    """
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError("val_fraction + test_fraction must leave some data for training")
-    samples = list(samples)
-    by_source: dict[str | None, list[Sample]] = defaultdict(list)
-    for s in samples:
-        by_source[s.source].append(s)
-    if len(by_source) > 1:
-        merged: dict[str, list[Sample]] = {name: [] for name in SPLITS}
-        for name in sorted(by_source, key=str):
-            part = split_samples(
-                by_source[name], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
-            )
-            for split in SPLITS:
-                merged[split].extend(part[split])
-        return merged
-    given = {s.split for s in samples}
-    if given == {None} or not samples:
-        out = _grouped_stratified(
-            samples,
-            {
-                "train": 1.0 - val_fraction - test_fraction,
-                "val": val_fraction,
-                "test": test_fraction,
-            },
-            seed,
-        )
-    else:
-        if None in given:
-            missing = sum(1 for s in samples if s.split is None)
-            raise DataSourceError(
-                f"{missing} of {len(samples)} samples have no split while the others do; give "
-                "a split for every row or for none (then splits are computed)"
-            )
-        unknown = given - set(SPLITS)
-        if unknown:
-            raise DataSourceError(f"unknown splits {sorted(unknown)}; use train, val, test")
-        out = {name: [s for s in samples if s.split == name] for name in SPLITS}
-        if not out["train"]:
-            raise DataSourceError("the source gives splits but no train split; add train rows")
-        for missing_split, fraction in (("val", val_fraction), ("test", test_fraction)):
-            if not out[missing_split] and fraction > 0:
-                carved = _grouped_stratified(
-                    out["train"], {"train": 1.0 - fraction, missing_split: fraction}, seed
-                )
-                out["train"], out[missing_split] = carved["train"], carved[missing_split]
-                logger.info(
-                    "no %s split given: carved %d images out of train",
-                    missing_split,
-                    len(out[missing_split]),
-                )
-        _warn_patient_leaks(out)
-    logger.info("splits: %s", summarise(out))
-    return {name: out.get(name, []) for name in SPLITS}
-
-
-def _warn_patient_leaks(splits: Mapping[str, Sequence[Sample]]) -> None:
-    where: dict[str, set[str]] = defaultdict(set)
-    for name, items in splits.items():
-        for s in items:
-            if s.patient_id:
-                where[s.patient_id].add(name)
-    leaked = sorted(p for p, names in where.items() if len(names) > 1)
-    if leaked:
-        logger.warning(
-            "%d patients appear in more than one of the given splits (metrics will be "
-            "optimistic): %s",
-            len(leaked),
-            _name_some(leaked),
-        )
-
-
-def class_counts(samples: Iterable[Sample]) -> dict[str, int]:
-    """Number of samples per label, labels sorted."""
-    counts = Counter(s.label for s in samples)
-    return {label: counts[label] for label in sorted(counts)}
-
-
-def class_names(samples: Iterable[Sample]) -> list[str]:
-    """Sorted distinct labels: the canonical class order (index = class id)."""
-    return sorted({s.label for s in samples})
-
-
-def summarise(splits: Mapping[str, Sequence[Sample]]) -> dict[str, dict[str, int]]:
-    """Per split, per class counts (plus ``total``), for logs and ``metrics.json``."""
-    return {name: {**class_counts(items), "total": len(items)} for name, items in splits.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# Dataset and sampler
-# --------------------------------------------------------------------------------------------
-
-
-class XrayDataset(Dataset[tuple[torch.Tensor, int]]):
-    """``(tensor (1, S, S), class index)`` pairs through the shared decode + preprocess.
-
-    Every image is decoded once up front: unreadable or corrupt files are found before
-    training starts (rather than crashing epoch 3), counted in :attr:`skipped`, named in one
-    warning, and left out. With ``cache=True`` (default) the preprocessed, un-augmented
-    tensor is kept in memory (``S*S*4`` bytes per image, 64 KiB at 128 px), so later epochs
-    cost only the augmentation, which is applied to the cached tensor.
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        classes: Sequence[str],
-        spec: Preprocessing,
-        *,
-        augment: bool,
-        cache: bool = True,
-        max_pixels: int | None = None,
-    ) -> None:
-        self.classes = list(classes)
-        self.spec = spec
-        self.augment = augment
-        self.max_pixels = max_pixels
-        self.class_to_index = {name: i for i, name in enumerate(self.classes)}
-        if len(self.class_to_index) != len(self.classes):
-            raise ValueError(f"duplicate class names in {self.classes}")
-        unknown = sorted({s.label for s in samples} - set(self.class_to_index))
-        if unknown:
-            raise ValueError(
-                f"labels {unknown} are not among the classes {self.classes}; pass every "
-                "class name (e.g. class_names(all_samples))"
-            )
-        self.augmentation = train_augmentation(spec) if augment else None
-        self.skipped: list[Path] = []
-        self._cache: list[torch.Tensor] | None = [] if cache else None
-        self.samples: list[Sample] = self._scan(samples)
-        self.labels: np.ndarray = np.array(
-            [self.class_to_index[s.label] for s in self.samples], dtype=np.int64
-        )
-        self.groups: np.ndarray = group_ids(self.samples)
-
-    def _load(self, path: Path) -> torch.Tensor:
-        return preprocess(decode_image(path, max_pixels=self.max_pixels), self.spec)
-
-    def _scan(self, samples: Sequence[Sample]) -> list[Sample]:
-        kept: list[Sample] = []
-        reasons: list[str] = []
-        for sample in samples:
-            try:
-                tensor = self._load(sample.path)
-            except (ValueError, OSError) as exc:  # ImageError is a ValueError
-                self.skipped.append(sample.path)
-                reasons.append(f"{sample.path.name} ({exc.__class__.__name__})")
-                continue
-            kept.append(sample)
-            if self._cache is not None:
-                self._cache.append(tensor)
-        if self.skipped:
-            logger.warning(
-                "skipped %d of %d images that cannot be read: %s",
-                len(self.skipped),
-                len(samples),
-                _name_some(reasons),
-            )
-        if samples and not kept:
-            raise ValueError(
-                f"none of the {len(samples)} images could be read (first: {self.skipped[0]}); "
-                "check the data source"
-            )
-        return kept
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if self._cache is not None:
-            tensor = self._cache[index]
-        else:
-            tensor = self._load(self.samples[index].path)
-        if self.augmentation is not None:
-            tensor = self.augmentation(tensor)
-        return tensor, int(self.labels[index])
-
-
-def group_ids(samples: Sequence[Sample]) -> np.ndarray:
-    """One integer per sample for its (label, source) pair, numbered in sorted order.
-
-    Passed to :func:`balanced_sampler` instead of class indices, it makes every batch hold
-    the same number of images of each label *from each source*: Normal from a children's
-    hospital and Normal from an adult one come in equal numbers, so "Normal" cannot be learned
-    from one source's look (age, scanner) when another source has it too, and no source
-    dominates a batch. With a single source it is the class index order.
-    """
-    keys = sorted({(s.label, s.source or "") for s in samples})
-    index = {key: i for i, key in enumerate(keys)}
-    return np.array([index[(s.label, s.source or "")] for s in samples], dtype=np.int64)
-
-
-def balanced_sampler(
-    labels: Sequence[int] | np.ndarray | torch.Tensor,
-    *,
-    m_per_class: int = 4,
-    length: int | None = None,
-    batch_size: int | None = None,
-) -> Any:
-    """A ``MPerClassSampler`` whose batches hold ``m_per_class`` images of every class.
-
-    ``labels`` may be class indices or :func:`group_ids` (label x source groups: then each
-    batch holds ``m_per_class`` images of every group). The rare COVID-19 class (about 2% of
-    images) would otherwise be absent from most batches, leaving metric losses without
-    positive pairs for it. ``batch_size`` defaults to ``m_per_class * n_classes`` (every
-    class in each batch); use the sampler's ``.batch_size`` for the DataLoader and do not
-    shuffle there. ``length`` (indices per epoch) defaults to the number of labels, rounded
-    down to whole batches (at least one). Classes with fewer than ``m_per_class`` images are
-    sampled with replacement. The order comes from NumPy's global RNG (``np.random.seed``
-    makes it reproducible).
-    """
-    from pytorch_metric_learning.samplers import MPerClassSampler
-
-    array = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-    if array.ndim != 1 or array.size == 0:
-        raise ValueError("balanced_sampler needs a non-empty 1-D sequence of class indices")
-    n_classes = len(np.unique(array))
-    if m_per_class < 1:
-        raise ValueError(f"m_per_class must be >= 1, got {m_per_class}")
-    if batch_size is None:
-        batch_size = m_per_class * n_classes
-    if batch_size % m_per_class or batch_size > m_per_class * n_classes:
-        raise ValueError(
-            f"batch_size {batch_size} must be a multiple of m_per_class {m_per_class} and at "
-            f"most m_per_class * n_classes = {m_per_class * n_classes}"
-        )
-    length = max(int(length if length is not None else array.size), batch_size)
-    return MPerClassSampler(
-        array, m_per_class, batch_size=batch_size, length_before_new_iter=length
-    )
