@@ -16,9 +16,10 @@ bumps `service_state.index_version` in the database (see `app.db.bump_index_vers
 request runs one small query (`index_version` and the active model's version, as two scalar
 subqueries) and compares them with the loaded bundle; when they differ this process rebuilds.
 So a reference enrolled through any process, the CLI or a worker is used by every process's
-next prediction. Embeddings are stored per model version in the `embeddings` table; the process
-that first needs a missing one (a reference enrolled before the model existed, or by a process
-serving another version) computes it with the one preprocessing function and stores it.
+next prediction. Embeddings are stored per model version in the `embeddings` table
+(`app.serving.embeddings`, shared with the retrain); the process that first needs a missing one
+(a reference enrolled before the model existed, or by a process serving another version)
+computes it through `training.embedding` and stores it.
 
 Only one rebuild runs at a time. While it runs, other requests keep serving the previous bundle
 (they do not queue behind a potentially long rebuild); requests that have no bundle at all wait
@@ -43,22 +44,18 @@ from typing import Any
 import numpy as np
 import torch
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.db import (
-    Embedding,
-    Model,
-    Reference,
-    ServiceStateRow,
-    insert_embeddings_ignoring_duplicates,
-)
+from app.db import Model, Reference, ServiceStateRow
 from app.gradcam import Explainer
+from app.serving.embeddings import ensure_embeddings
 from index.reference_index import ReferenceIndex
 from training.checkpoint import load_checkpoint
-from training.imaging import ImageError, decode_image
-from training.preprocess import Preprocessing, preprocess
+from training.devices import resolve_device
+from training.embedding import embed_tensors
+from training.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +66,11 @@ __all__ = [
     "ModelFileError",
     "ReferencesChange",
     "ServiceState",
-    "embed_tensors",
     "file_sha256",
     "resolve_data_path",
-    "resolve_device",
 ]
 
 SERVICE_STATE_ID = 1
-#: References embedded per forward pass when computing missing embeddings.
-EMBED_BATCH = 32
-#: Ids per `IN (...)` query when fetching stored embeddings.
-FETCH_CHUNK = 500
 
 NO_MODEL_REASON = (
     "no active model: register and activate one with `cxr models add CKPT --activate`, "
@@ -99,13 +90,6 @@ class ModelFileError(RuntimeError):
 # Small helpers shared with app/services (one implementation of each).
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` → CUDA when available, else CPU; anything else is passed to `torch.device`."""
-    if name in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def resolve_data_path(path: str | Path, settings: Settings) -> Path:
     """Stored paths are relative to `data_dir` (so the directory can move); absolute ones
     are kept as they are."""
@@ -120,19 +104,6 @@ def file_sha256(path: Path) -> str:
         while chunk := handle.read(1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def embed_tensors(
-    encoder: torch.nn.Module, batch: torch.Tensor, device: torch.device
-) -> np.ndarray:
-    """Embeddings ``(B, dim)`` float32 of a preprocessed batch ``(B, 1, S, S)``.
-
-    Runs under `torch.inference_mode` (no autograd bookkeeping): the served encoder is shared
-    by all request threads and never needs gradients (Grad-CAM uses its own copies).
-    """
-    with torch.inference_mode():
-        out = encoder(batch.to(device, non_blocking=True))
-    return np.ascontiguousarray(out.float().cpu().numpy(), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +180,7 @@ class ModelBundle:
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         """Embeddings of a preprocessed batch with this bundle's encoder."""
-        return embed_tensors(self.model.encoder, batch, self.model.device)
+        return embed_tensors(self.model.encoder, batch, device=self.model.device)
 
 
 @dataclass(frozen=True)
@@ -581,7 +552,13 @@ class ServiceState:
             index.remove(stale)
         present = set(index.ids)
         new_refs = [r for r in refs if r.id not in present]
-        vectors = self._collect_embeddings(session, model, new_refs, {})
+        stored_at = {r.id: r.image_path for r in new_refs}
+        vectors = ensure_embeddings(
+            session,
+            model,
+            list(stored_at),
+            lambda ref_id: resolve_data_path(stored_at[ref_id], self.settings),
+        )
         kept = [r for r in new_refs if r.id in vectors]
         if kept:
             index.add(
@@ -619,93 +596,3 @@ class ServiceState:
             trained_classes=tuple(loaded.classes or ()),
             explainer=Explainer(encoder, size=self.inference_workers),
         )
-
-    def _collect_embeddings(
-        self,
-        session: Session,
-        model: LoadedModel,
-        refs: Sequence[Any],
-        known: Mapping[str, np.ndarray],
-    ) -> dict[str, np.ndarray]:
-        """Vectors for every reference: reused, fetched from the database, or computed."""
-        vectors: dict[str, np.ndarray] = {r.id: known[r.id] for r in refs if r.id in known}
-        wanted = [r.id for r in refs if r.id not in vectors]
-        for start in range(0, len(wanted), FETCH_CHUNK):
-            chunk = wanted[start : start + FETCH_CHUNK]
-            rows = session.execute(
-                select(Embedding.reference_id, Embedding.vector).where(
-                    Embedding.model_version == model.version,
-                    Embedding.reference_id.in_(chunk),
-                )
-            ).all()
-            for ref_id, blob in rows:
-                vec = np.frombuffer(blob, dtype=np.float32)
-                if vec.shape == (model.embedding_dim,):
-                    vectors[ref_id] = vec
-        missing = [r for r in refs if r.id not in vectors]
-        if missing:
-            computed = self._compute_embeddings(model, missing)
-            vectors.update(computed)
-            self.store_embeddings(session, model.version, computed)
-        return vectors
-
-    def _compute_embeddings(self, model: LoadedModel, refs: Sequence[Any]) -> dict[str, np.ndarray]:
-        """Embed references from their stored files (decode_image → preprocess → encoder)."""
-        out: dict[str, np.ndarray] = {}
-        unreadable = 0
-        for start in range(0, len(refs), EMBED_BATCH):
-            batch_refs = []
-            tensors = []
-            for ref in refs[start : start + EMBED_BATCH]:
-                try:
-                    image = decode_image(resolve_data_path(ref.image_path, self.settings))
-                except (ImageError, OSError):
-                    unreadable += 1
-                    continue
-                tensors.append(preprocess(image, model.preprocessing))
-                batch_refs.append(ref)
-            if not tensors:
-                continue
-            emb = embed_tensors(model.encoder, torch.stack(tensors), model.device)
-            for ref, vec in zip(batch_refs, emb, strict=True):
-                out[ref.id] = vec
-        if unreadable:
-            logger.warning(
-                "some reference images are missing or unreadable and were left out of the index",
-                extra={"count": unreadable, "data_dir": str(self.settings.data_dir)},
-            )
-        logger.info(
-            "computed reference embeddings",
-            extra={"count": len(out), "model_version": model.version},
-        )
-        return out
-
-    def store_embeddings(
-        self, session: Session, model_version: str, vectors: Mapping[str, np.ndarray]
-    ) -> None:
-        """Persist computed vectors; concurrent writers (other processes) are tolerated."""
-        if not vectors:
-            return
-        rows = [
-            {
-                "reference_id": ref_id,
-                "model_version": model_version,
-                "vector": np.ascontiguousarray(vec, dtype=np.float32).tobytes(),
-            }
-            for ref_id, vec in vectors.items()
-        ]
-        try:
-            session.execute(insert_embeddings_ignoring_duplicates(session), rows)
-            session.commit()
-        except IntegrityError:
-            # A reference deleted meanwhile (foreign key): store what still exists, one by one.
-            session.rollback()
-            for row in rows:
-                try:
-                    session.execute(insert_embeddings_ignoring_duplicates(session), [row])
-                    session.commit()
-                except IntegrityError:
-                    session.rollback()
-        except SQLAlchemyError:
-            session.rollback()
-            logger.exception("could not store computed embeddings; they will be recomputed")

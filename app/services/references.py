@@ -521,7 +521,9 @@ def _announce_enrollment(
     The enrollment is committed already: a failure here is logged, never raised (the service
     falls back to a refresh from the database, which embeds what is missing).
     """
-    from app.state import ReferencesChange, embed_tensors
+    from app.serving.embeddings import store_embeddings
+    from app.state import ReferencesChange
+    from training.embedding import embed_tensors
 
     change = None
     try:
@@ -531,8 +533,8 @@ def _announce_enrollment(
             import torch
 
             batch = torch.stack([tensors[r.sha256] for r in new])
-            vectors = embed_tensors(model.encoder, batch, model.device)
-            service.store_embeddings(
+            vectors = embed_tensors(model.encoder, batch, device=model.device)
+            store_embeddings(
                 session, model.version, {r.id: v for r, v in zip(new, vectors, strict=True)}
             )
             change = ReferencesChange(
