@@ -52,10 +52,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job, Model, Reference, utcnow
+from app.files import resolve_data_path
 from app.jobs.heartbeat import Heartbeat
 from app.jobs.options import JobOptions
 from app.serving.embeddings import Embedder, compute_embeddings, ensure_embeddings
-from app.state import resolve_data_path
 from training.devices import resolve_device
 
 if TYPE_CHECKING:

@@ -32,7 +32,7 @@ from app.dicom.schemas import DeliveriesPublic, DeliveryPublic, DeliveryStatus
 from app.dicom.sr import build_sr, to_bytes
 from app.schemas import ErrorPublic
 from app.schemas_predict import PredictionPublic
-from app.state import ServiceState
+from app.serving.state import ServiceState
 
 logger = logging.getLogger(__name__)
 

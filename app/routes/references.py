@@ -46,7 +46,7 @@ from app.services.thumbnails import (
     ThumbnailCache,
     reference_thumbnail,
 )
-from app.state import ServiceState
+from app.serving.state import ServiceState
 from training.imaging import ImageTooLargeError
 
 logger = logging.getLogger(__name__)

@@ -59,7 +59,8 @@ from training.imaging import (
 )
 
 if TYPE_CHECKING:
-    from app.state import LoadedModel, ServiceState
+    from app.serving.bundle import LoadedModel
+    from app.serving.state import ServiceState
     from training.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -522,7 +523,7 @@ def _announce_enrollment(
     falls back to a refresh from the database, which embeds what is missing).
     """
     from app.serving.embeddings import store_embeddings
-    from app.state import ReferencesChange
+    from app.serving.state import ReferencesChange
     from training.embedding import embed_tensors
 
     change = None
@@ -608,7 +609,7 @@ def delete_reference(
         _remove_file(settings.data_dir / image_path, reference_id=reference_id)
     logger.info("reference deleted", extra={"reference_id": reference_id})
     if service is not None:
-        from app.state import ReferencesChange
+        from app.serving.state import ReferencesChange
 
         _notify(session, service, ReferencesChange(index_version=version, removed=(reference_id,)))
     return version

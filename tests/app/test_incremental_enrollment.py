@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 import app.services.uploads as uploads_service
 import app.serving.embeddings as embeddings_module
-import app.state as state_module
+import app.serving.state as state_module
 import training.embedding as embedding_module
 from app.config import Settings
 from app.main import create_app
