@@ -5,10 +5,10 @@ For each reference count N (`--references 2000,100000`):
 1. A temp data dir with a fresh SQLite database; the checkpoint registered and activated.
 2. N references seeded straight into the database, as an enrolled deployment would have them:
    one row each (four classes), its stored embedding for the active model (clustered unit
-   vectors), and its image file (hard links of one small PNG under the content-addressed name,
-   so start-up reconciliation sees every row with its file). Seeding through the API would
-   spend hours decoding and embedding; what is measured below does not depend on how the
-   earlier references got there.
+   vectors), and its image file (hard links of a small PNG, one copy per 5,000 links, under
+   the content-addressed name, so start-up reconciliation sees every row with its file).
+   Seeding through the API would spend hours decoding and embedding; what is measured below
+   does not depend on how the earlier references got there.
 3. The real service (`uvicorn app.main:create_app`, the same process model as `cxr serve`),
    waited for until `/ready`.
 4. `--rounds` times: `POST /references` with one new synthetic image (timed: `enroll`), then
@@ -81,13 +81,15 @@ def seed_references(settings: Any, count: int, *, seed: int = 0) -> str:
                 raise RuntimeError("register and activate a model before seeding references")
             rng = np.random.default_rng(seed)
             centres = rng.standard_normal((len(BENCH_CLASSES) + 1, model.embedding_dim))
-            template = settings.data_dir / "bench-template.png"
-            template.parent.mkdir(parents=True, exist_ok=True)
-            template.write_bytes(_synthetic_image("disc", 0, (64, 64)))
+            image = _synthetic_image("disc", 0, (64, 64))
             labels = [*BENCH_CLASSES, "other"]
             now = utcnow()
             for start in range(0, count, SEED_BATCH):
                 n = min(SEED_BATCH, count - start)
+                # One template file per batch: ext4 allows 65,000 links to one inode.
+                template = settings.data_dir / f"bench-template-{start // SEED_BATCH}.png"
+                template.parent.mkdir(parents=True, exist_ok=True)
+                template.write_bytes(image)
                 cls = (np.arange(start, start + n) % len(labels)).astype(int)
                 vec = centres[cls] + 1.5 * rng.standard_normal((n, model.embedding_dim))
                 vec = (vec / np.linalg.norm(vec, axis=1, keepdims=True)).astype(np.float32)

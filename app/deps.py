@@ -24,7 +24,7 @@ from app.dicom.outbox import OutboxWorker
 from app.jobs.runner import JobRunner
 from app.metrics import Metrics
 from app.services.thumbnails import ThumbnailCache
-from app.state import ServiceState
+from app.serving.state import ServiceState
 
 
 def get_app_settings(request: Request) -> Settings:

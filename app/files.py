@@ -1,5 +1,5 @@
-"""Atomic file writes for the service's data directory (reference images, stored prediction
-images, model checkpoints).
+"""Files of the service's data directory (reference images, stored prediction images, model
+checkpoints): where a stored path points, what a file holds, and atomic writes.
 
 A file appears complete under its real name or not at all: the content goes to a temp file in
 the target's directory, is flushed and fsynced, then `os.replace`d over the target. A crash or
@@ -11,15 +11,19 @@ and `training/` never import `app/`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-__all__ = ["atomic_copy", "atomic_write_bytes"]
+if TYPE_CHECKING:
+    from app.config import Settings
+
+__all__ = ["atomic_copy", "atomic_write_bytes", "file_sha256", "resolve_data_path"]
 
 _COPY_CHUNK = 1024 * 1024
 
@@ -50,3 +54,19 @@ def atomic_copy(src: Path, dst: Path) -> None:
     """Copy the file `src` to `dst` atomically (parent directories are created)."""
     with _atomic_target(Path(dst)) as out, open(src, "rb") as source:
         shutil.copyfileobj(source, out, length=_COPY_CHUNK)
+
+
+def resolve_data_path(path: str | Path, settings: Settings) -> Path:
+    """Stored paths are relative to `data_dir` (so the directory can move); absolute ones
+    are kept as they are."""
+    p = Path(path)
+    return p if p.is_absolute() else settings.data_dir / p
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()

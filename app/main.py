@@ -40,7 +40,7 @@ from app.logging import RequestIdMiddleware, configure_logging, get_request_id
 from app.metrics import Metrics
 from app.services.references import InvalidLabelError, reconcile_at_startup
 from app.services.thumbnails import ThumbnailCache
-from app.state import ServiceState
+from app.serving.state import ServiceState
 from training.imaging.errors import (
     CorruptImageError,
     DegenerateImageError,

@@ -259,6 +259,9 @@ def evaluate_command(
     episodes: int = typer.Option(1000, min=0, help="Few-shot episodes."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(64, min=1, help="Embedding batch size."),
+    predictions: bool = typer.Option(
+        False, "--predictions", help="Add each query's path, label and predicted labels."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:  # fmt: skip
     """Evaluate a checkpoint as a deployment would answer: one index of the train splits of
@@ -274,7 +277,7 @@ def evaluate_command(
         loaded = load_checkpoint(checkpoint, map_location="cpu")
         report = evaluate_checkpoint(
             loaded, data, split=split, k=k, n_way=n_way, k_shot=k_shot, episodes=episodes,
-            device=device, batch_size=batch_size,
+            device=device, batch_size=batch_size, predictions=predictions,
         )  # fmt: skip
         report = {"checkpoint": str(checkpoint), "encoder": loaded.encoder_name, **report}
         target = out or checkpoint.with_name(f"evaluate_{split}.json")
@@ -425,8 +428,9 @@ def bench_throughput_command(
     """Training images/s: real pipeline vs tensors already on the device (and vs no cache)."""
     _setup_logging(verbose)
     with _user_errors():
+        from training.devices import resolve_device
         from training.throughput import parse_models, run_throughput_bench
-        from training.train import default_threads, resolve_device
+        from training.train import default_threads
 
         parsed = parse_models(models)
         if not data.exists():

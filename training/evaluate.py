@@ -1,4 +1,4 @@
-"""Embedding and evaluation: k-NN, mean-distance and N-way K-shot metrics.
+"""Evaluation: k-NN, mean-distance and N-way K-shot metrics of embedded references and queries.
 
 Evaluation *is* how the service predicts: the *references* (the train split) go into the
 service's own :class:`index.ReferenceIndex` and each *query* is answered by its ``search``, so
@@ -13,8 +13,9 @@ and ``n_way``: few-shot episodes as in the source work (one query, ``N`` candida
 ``K`` support images each, pick the class of the most similar support, the mean embedding for
 ``K > 1``).
 
-``training/`` may import ``index/`` (never the reverse); metric functions are pure functions of
-arrays.
+Images are embedded by :mod:`training.embedding`, the one path the service and the retrain
+use too (its functions are re-exported here for existing callers). ``training/`` may import
+``index/`` (never the reverse); metric functions are pure functions of arrays.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score
-from torch import nn
 
-from training.preprocess import Preprocessing, preprocess
+from training.embedding import embed_images, embed_samples, embed_tensors
 
 log = logging.getLogger(__name__)
 
@@ -43,106 +42,6 @@ __all__ = [
     "index_predictions",
     "n_way_accuracy",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Embedding
-
-
-@torch.no_grad()
-def embed_tensors(
-    encoder: nn.Module,
-    tensors: torch.Tensor | Sequence[torch.Tensor],
-    *,
-    batch_size: int = 128,
-    device: str | torch.device = "cpu",
-    channels_last: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-) -> np.ndarray:
-    """Embed preprocessed ``(1, S, S)`` tensors (or a ``(N, 1, S, S)`` batch) in eval mode.
-
-    Restores the encoder's train/eval mode afterwards, so the training loop can call it.
-    """
-    was_training = encoder.training
-    encoder.eval()
-    device = torch.device(device)
-    n = len(tensors)
-    out: list[np.ndarray] = []
-    try:
-        for start in range(0, n, batch_size):
-            chunk = tensors[start : start + batch_size]
-            x = chunk if isinstance(chunk, torch.Tensor) else torch.stack(list(chunk))
-            x = x.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(
-                device.type,
-                dtype=autocast_dtype or torch.bfloat16,
-                enabled=autocast_dtype is not None,
-            ):
-                emb = encoder(x)
-            out.append(emb.float().cpu().numpy())
-    finally:
-        encoder.train(was_training)
-    if not out:
-        dim = int(getattr(encoder, "embedding_dim", 0))
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
-
-
-def embed_images(
-    encoder: nn.Module,
-    images: Sequence[np.ndarray],
-    spec: Preprocessing,
-    *,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-) -> np.ndarray:
-    """Embed decoded images (``float32 (H, W)`` in ``[0, 1]``) through the shared preprocessing."""
-    return embed_tensors(
-        encoder, [preprocess(img, spec) for img in images], batch_size=batch_size, device=device
-    )
-
-
-def embed_samples(
-    encoder: nn.Module,
-    samples: Sequence[Any],
-    spec: Preprocessing,
-    *,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-) -> tuple[np.ndarray, list[str], list[Any]]:
-    """Decode, preprocess and embed ``Sample``s; returns ``(embeddings, labels, kept)``.
-
-    Unreadable images are skipped (named in one warning) rather than aborting an evaluation;
-    ``kept`` are the samples that were embedded, row for row. Images are decoded chunk by
-    chunk so memory stays bounded on large sources.
-    """
-    from training.imaging import decode_image
-
-    embeddings: list[np.ndarray] = []
-    labels: list[str] = []
-    kept: list[Any] = []
-    skipped: list[str] = []
-    chunk = max(batch_size, 256)
-    for start in range(0, len(samples), chunk):
-        tensors: list[torch.Tensor] = []
-        for sample in samples[start : start + chunk]:
-            try:
-                tensors.append(preprocess(decode_image(Path(sample.path)), spec))
-            except (ValueError, OSError) as exc:
-                skipped.append(f"{Path(sample.path).name} ({exc.__class__.__name__})")
-                continue
-            labels.append(sample.label)
-            kept.append(sample)
-        if tensors:
-            embeddings.append(embed_tensors(encoder, tensors, batch_size=batch_size, device=device))
-    if skipped:
-        log.warning("skipped %d unreadable images: %s", len(skipped), ", ".join(skipped[:10]))
-    if not embeddings:
-        dim = int(getattr(encoder, "embedding_dim", 0))
-        return np.zeros((0, dim), dtype=np.float32), labels, kept
-    return np.concatenate(embeddings), labels, kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,6 +205,7 @@ def evaluate_embeddings(
     episodes: int = 1000,
     seed: int = 0,
     query_sources: Sequence[str | None] | None = None,
+    query_ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The evaluate JSON of the product contract.
 
@@ -319,6 +219,10 @@ def evaluate_embeddings(
     the one index of every reference (as a deployment would), and ``source_balanced_accuracy``,
     the mean over sources of their k-NN balanced accuracy. Pooled figures alone would let a
     large source hide a failing one.
+
+    With ``query_ids`` (one name per query, e.g. its path) the report adds ``predictions``:
+    ``{"id", "label", "knn", "mean_distance"}`` per query, the labels each rule answered (what
+    ``/predict`` answers for the same image against the same references).
     """
     if classes is None:
         classes = sorted(set(ref_labels) | set(query_labels))
@@ -333,6 +237,8 @@ def evaluate_embeddings(
         raise ValueError("each embedding needs exactly one label")
     if query_sources is not None and len(query_sources) != len(query_labels):
         raise ValueError("query_sources needs one source per query")
+    if query_ids is not None and len(query_ids) != len(query_labels):
+        raise ValueError("query_ids needs one id per query")
     if len(ref_emb) == 0:
         raise ValueError("no reference embeddings to evaluate against")
     ref_idx = np.array([col[x] for x in ref_labels], dtype=np.int64)
@@ -385,6 +291,16 @@ def evaluate_embeddings(
         report["source_balanced_accuracy"] = float(
             np.mean([r["knn"]["balanced_accuracy"] for r in per_source.values()])
         )
+    if query_ids is not None:
+        report["predictions"] = [
+            {
+                "id": str(qid),
+                "label": classes[query_idx[i]],
+                "knn": classes[knn_pred[i]],
+                "mean_distance": classes[md_pred[i]],
+            }
+            for i, qid in enumerate(query_ids)
+        ]
     return report
 
 
@@ -399,16 +315,19 @@ def evaluate_checkpoint(
     episodes: int = 1000,
     device: str = "auto",
     batch_size: int = 64,
+    predictions: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a loaded checkpoint the way a deployment would answer.
 
     References: the train splits of every source, in one index (as ``cxr references import``
     of each would enroll them); queries: ``split`` of every source, reported pooled and per
     source. Splits are recomputed with the fractions and seed recorded in the checkpoint, so
-    a source without given splits is split exactly as in training.
+    a source without given splits is split exactly as in training. ``predictions`` adds each
+    query's answers, identified by its path (see :func:`evaluate_embeddings`).
     """
     from training.data import load_sources, split_samples
-    from training.train import TrainConfig, resolve_device
+    from training.devices import resolve_device
+    from training.train import TrainConfig
 
     defaults = TrainConfig()
     cfg = loaded.config
@@ -434,5 +353,6 @@ def evaluate_checkpoint(
         ref_emb, ref_labels, q_emb, q_labels, classes=classes, k=k, n_way=n_way,
         k_shot=k_shot, episodes=episodes, seed=int(cfg.get("seed", 0)),
         query_sources=[s.source for s in q_kept],
+        query_ids=[str(s.path) for s in q_kept] if predictions else None,
     )  # fmt: skip
     return {"data": [str(s) for s in sources], "split": split, **report}

@@ -71,6 +71,7 @@ from training.data import (
     split_samples,
     summarise,
 )
+from training.devices import resolve_device
 from training.encoders import create_encoder, list_encoders, load_weights
 from training.evaluate import embed_tensors, evaluate_embeddings
 from training.gpu_augment import BatchAugmentation
@@ -213,17 +214,6 @@ class TrainResult:
     run_dir: Path
     checkpoint: Path
     metrics: dict[str, Any]
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when available; asking for CUDA without one is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "--device cuda was requested but no CUDA GPU is available; use auto or cpu"
-        )
-    return torch.device(device)
 
 
 def default_threads() -> int:

@@ -34,7 +34,7 @@ def listen_command(
     from app.db.migrate import prepare_database
     from app.dicom.listener import DicomListener
     from app.dicom.outbox import OutboxWorker, configured_destination
-    from app.state import ServiceState
+    from app.serving.state import ServiceState
 
     settings = cli_settings()
     from app.logging import configure_logging

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.dicom.outbox import OutboxWorker
 from app.dicom.receive import STATUS_CANNOT_UNDERSTAND, receive_instance
-from app.state import ServiceState
+from app.serving.state import ServiceState
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from app.dicom.outbox import configured_destination, enqueue
 from app.dicom.sr import build_overlay, build_sr, to_bytes
 from app.schemas_predict import PredictionPublic
 from app.services.predict import PredictionUnavailableError, predict
-from app.state import ServiceState
+from app.serving.state import ServiceState
 from training.imaging import ImageError, ImageTooLargeError, UnsupportedImageError
 
 logger = logging.getLogger(__name__)

@@ -7,18 +7,23 @@
    and returns, so handing a job over twice never trains twice.
 2. **Snapshot** the enrolled references (rows and image files, hard-linked or copied into the
    job's scratch directory `data_dir/jobs/<id>/`), so deletions during training cannot break it.
-3. **Split** for validation, stratified by label and grouped by image hash. No patient ids are
-   stored for references, so the grouping can only keep identical images on one side; different
-   images of one patient may land on both sides and make the validation metric optimistic.
-   Every class keeps at least one group in train; a class with one image is train-only.
+3. **Split** for validation with `training.data.split_samples` (the split training uses):
+   per source, stratified by label, grouped by image hash. No patient ids are stored for
+   references, so the grouping can only keep identical images on one side; different images of
+   one patient may land on both sides and make the validation metric optimistic. Every class
+   keeps its first image in train; a class with one image is train-only.
 4. **Train** with `training.train.train(config, samples=..., progress=...)`; parameters from the
    request, else `TrainConfig` defaults. Progress is written to the job row (throttled).
-5. **Evaluate** on the job's validation split: k-NN balanced accuracy with the train split as
-   references, for the new model *and* the active one (embedded with each model), so both are
-   compared on the same images.
+5. **Evaluate** on the job's validation split with `training.evaluate` (the train split in the
+   service's `ReferenceIndex`, each validation image answered as `/predict` answers it): k-NN
+   balanced accuracy per source and their mean, for the new model *and* the active one, so
+   both are compared on the same images. The new model embeds the snapshot through
+   `training.embedding`; the active model's vectors come from the embeddings store (computed
+   and stored only where missing).
 6. **Register** the new version (`register_model`, source `retrain`: file written atomically,
-   row inserted after the file is complete), then **re-embed every reference** with it and
-   store the `embeddings` rows, so activation is instant for every API process.
+   row inserted after the file is complete), then **store every reference's vector** for it
+   in the embeddings store (references enrolled since the snapshot are embedded now), so
+   activation is instant for every API process.
 7. **Activate** (`activate_model`) when it beats the active model on that metric, or when there
    is no active model; otherwise it stays a candidate that an admin may activate. If an admin
    switched the active model meanwhile, the comparison is void and it stays a candidate.
@@ -29,15 +34,15 @@ no model row and the active model untouched; the reaper fails the job (`heartbea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import random
 import shutil
 import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,10 +51,12 @@ import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import insert_embeddings_ignoring_duplicates
-from app.db.models import Embedding, Job, Model, Reference, utcnow
+from app.db.models import Job, Model, Reference, utcnow
+from app.files import resolve_data_path
 from app.jobs.heartbeat import Heartbeat
 from app.jobs.options import JobOptions
+from app.serving.embeddings import Embedder, compute_embeddings, ensure_embeddings
+from training.devices import resolve_device
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -66,7 +73,6 @@ VALIDATION_METRIC = "knn_balanced_accuracy"
 SOURCE_TOLERANCE = 0.02
 # Parameters whose change needs training from scratch (a fine-tune keeps the architecture).
 _ARCHITECTURE_PARAMS = ("encoder", "image_size", "embedding_dim")
-EMBED_BATCH = 64
 
 
 class RetrainError(RuntimeError):
@@ -341,29 +347,33 @@ def _retrain(
         torch.set_num_threads(threads)
     progress(TRAIN_END, force=True)
 
-    # -- validation: new model vs active model, same split --------------------------------
+    # -- validation: new model vs active model, same split, the service's decision rule ------
     from training.checkpoint import load_checkpoint
 
     device = resolve_device(settings.device)
-    new_model = load_checkpoint(Path(result.checkpoint), map_location=device)
-    new_train, new_val = (
-        embed_paths(new_model, [r.path for r in split.train], device=device),
-        embed_paths(new_model, [r.path for r in split.val], device=device),
+    new_model = Embedder.from_checkpoint(
+        load_checkpoint(Path(result.checkpoint), map_location=device),
+        version=f"job-{job_id}",
+        device=device,
     )
+    new_vectors = embed_snapshot(new_model, snapshot)
     k = int(getattr(settings, "default_k", 5) or 5)
-    new_score = knn_balanced_accuracy(new_train, split.train, new_val, split.val, k=k)
+    new_score, new_sources = validation_scores(new_vectors, split, k=k)
     progress(0.88, force=True)
 
-    new_sources = per_source_accuracy(new_train, split.train, new_val, split.val, k=k)
     active_score: float | None = None
     active_sources: dict[str, float] = {}
-    if active_path is not None:
+    if active_path is not None and active_version is not None:
         try:
-            old_model = load_checkpoint(active_path, map_location=device)
-            old_train = embed_paths(old_model, [r.path for r in split.train], device=device)
-            old_val = embed_paths(old_model, [r.path for r in split.val], device=device)
-            active_score = knn_balanced_accuracy(old_train, split.train, old_val, split.val, k=k)
-            active_sources = per_source_accuracy(old_train, split.train, old_val, split.val, k=k)
+            old_model = Embedder.from_checkpoint(
+                load_checkpoint(active_path, map_location=device),
+                version=active_version,
+                device=device,
+            )
+            where = {r.id: r.path for r in snapshot}
+            with factory() as session:
+                old_vectors = ensure_embeddings(session, old_model, list(where), where.__getitem__)
+            active_score, active_sources = validation_scores(old_vectors, split, k=k)
         except Exception:  # a broken active model must not block its replacement
             logger.warning("job %s: could not evaluate active model", job_id, exc_info=True)
     progress(0.9, force=True)
@@ -413,17 +423,19 @@ def _retrain(
         "job %s registered model %s (%s=%.4f)", job_id, version, VALIDATION_METRIC, new_score
     )
 
-    known = {r.id: vec for r, vec in zip(split.train, new_train, strict=True)}
-    known.update({r.id: vec for r, vec in zip(split.val, new_val, strict=True)})
-    store_embeddings(
-        factory,
-        model=new_model,
-        model_version=version,
-        settings=settings,
-        known=known,
-        device=device,
-        progress=progress.stage(0.9, 0.98),
-    )
+    with factory() as session:
+        where = {
+            ref_id: resolve_data_path(image_path, settings)
+            for ref_id, image_path in session.execute(select(Reference.id, Reference.image_path))
+        }
+        ensure_embeddings(
+            session,
+            dataclasses.replace(new_model, version=version),
+            list(where),
+            where.__getitem__,
+            known=new_vectors,
+            progress=progress.stage(0.9, 0.98),
+        )
 
     activated, reason = False, ""
     with factory() as session:
@@ -502,13 +514,6 @@ def _can_finetune(active_path: Path | None, params: dict[str, Any]) -> bool:
     return all(params.get(name, current[name]) == current[name] for name in _ARCHITECTURE_PARAMS)
 
 
-def resolve_data_path(path: str, settings: Settings) -> Path:
-    """Stored paths are relative to `data_dir` (the inference side's rule; absolute kept)."""
-    from app.state import resolve_data_path as resolve
-
-    return resolve(path, settings)
-
-
 def train_device(device: str) -> str:
     """`TrainConfig.device` from `CXR_DEVICE` (training takes auto, cpu or cuda)."""
     return "cuda" if device.startswith("cuda") else device if device in ("auto", "cpu") else "auto"
@@ -567,27 +572,30 @@ def snapshot_references(
 def split_for_validation(
     refs: Sequence[RefSnapshot], *, val_fraction: float = VAL_FRACTION, seed: int = 0
 ) -> Split:
-    """Stratified by label x source, grouped by image hash; every class keeps a group in train.
+    """`training.data.split_samples` of the snapshot: per source, stratified by label, grouped
+    by image hash (standing in for the patient, which references do not record).
 
-    Deterministic for a given snapshot and seed. A class with n >= 2 groups sends
-    `max(1, round(n * val_fraction))` groups (at most n - 1) to validation.
+    Deterministic for a given snapshot and seed. With `val_fraction` below 0.5 the first image
+    of every class goes to train, so a class with one image is train-only.
     """
-    groups: dict[tuple[str, str], dict[str, list[RefSnapshot]]] = defaultdict(
-        lambda: defaultdict(list)
+    from training.data import Sample, split_samples
+
+    by_path = {str(r.path): r for r in refs}
+    if len(by_path) != len(refs):
+        raise ValueError("every reference of a snapshot needs its own file")
+    splits = split_samples(
+        [
+            Sample(path=r.path, label=r.label, patient_id=f"sha256:{r.sha256}", source=r.source)
+            for r in refs
+        ],
+        val_fraction=val_fraction,
+        test_fraction=0.0,
+        seed=seed,
     )
-    for ref in refs:  # each source's classes are held out on their own
-        groups[(ref.label, ref.source)][ref.sha256].append(ref)
-    rng = random.Random(seed)
-    split = Split()
-    for label in sorted(groups):
-        hashes = sorted(groups[label])
-        rng.shuffle(hashes)
-        n_val = 0
-        if len(hashes) >= 2:
-            n_val = min(len(hashes) - 1, max(1, round(len(hashes) * val_fraction)))
-        for i, digest in enumerate(hashes):
-            (split.val if i < n_val else split.train).extend(groups[label][digest])
-    return split
+    return Split(
+        train=[by_path[str(s.path)] for s in splits["train"]],
+        val=[by_path[str(s.path)] for s in splits["val"]],
+    )
 
 
 def check_split(split: Split) -> None:
@@ -618,179 +626,53 @@ def to_samples(split: Split) -> dict[str, list[Any]]:
     }
 
 
-def resolve_device(device: str) -> str:
-    """`auto` becomes `cuda` when available, else `cpu` (the inference side's rule)."""
-    from app.state import resolve_device as resolve
+def embed_snapshot(model: Embedder, refs: Sequence[RefSnapshot]) -> dict[str, np.ndarray]:
+    """Vectors of the snapshot's images under `model` (the one embedding path), by reference id.
 
-    return str(resolve(device))
-
-
-def embed_paths(
-    loaded: Any, paths: Sequence[Path], *, device: str, skip_unreadable: bool = False
-) -> np.ndarray:
-    """L2-normalised float32 embeddings `(n, dim)` of image files with a loaded checkpoint.
-
-    An unreadable image raises `RetrainError` naming its reference, unless `skip_unreadable`,
-    in which case its row is NaN (callers drop it).
+    An unreadable image raises `RetrainError` naming its reference and what to do.
     """
-    import torch
-
-    from training.imaging import ImageError, decode_image
-    from training.preprocess import preprocess
-
-    dim = int(loaded.embedding_dim)
-    encoder = loaded.encoder.to(device).eval()
-    out = np.full((len(paths), dim), np.nan, dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(paths), EMBED_BATCH):
-            rows, tensors = [], []
-            for row in range(start, min(start + EMBED_BATCH, len(paths))):
-                try:
-                    image = decode_image(paths[row])
-                except (ImageError, OSError) as exc:
-                    if skip_unreadable:
-                        logger.warning("skipping unreadable reference image %s", paths[row].name)
-                        continue
-                    raise RetrainError(
-                        f"Reference {paths[row].stem} cannot be read ({exc}). Delete it with "
-                        f"DELETE /references/{paths[row].stem} (or enroll it again), then "
-                        "submit the retrain again."
-                    ) from exc
-                rows.append(row)
-                tensors.append(preprocess(image, loaded.preprocessing))
-            if tensors:
-                emb = encoder(torch.stack(tensors).to(device)).float().cpu().numpy()
-                out[rows] = emb
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return out / np.maximum(norms, 1e-12)
-
-
-def per_source_accuracy(
-    ref_emb: np.ndarray,
-    refs: Sequence[RefSnapshot],
-    query_emb: np.ndarray,
-    queries: Sequence[RefSnapshot],
-    *,
-    k: int = 5,
-) -> dict[str, float]:
-    """k-NN balanced accuracy of each source's validation queries against all references.
-
-    A model is promoted only if no source loses: a retrain that learns a new site by
-    forgetting the vendor's data (or the reverse) must not replace the active model.
-    """
-    rows: dict[str, list[int]] = defaultdict(list)
-    for i, query in enumerate(queries):
-        rows[query.source].append(i)
-    return {
-        source: _knn_balanced_accuracy(
-            ref_emb, refs, query_emb[idx], [queries[i] for i in idx], k=k
+    vectors, unreadable = compute_embeddings(model, [r.id for r in refs], [r.path for r in refs])
+    if unreadable:
+        ref_id, why = next(iter(unreadable.items()))
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise RetrainError(
+            f"Reference {ref_id} cannot be read ({why}){more}. Delete it with "
+            f"DELETE /references/{ref_id} (or enroll it again), then submit the retrain again."
         )
-        for source, idx in sorted(rows.items())
+    return vectors
+
+
+def validation_scores(
+    vectors: Mapping[str, np.ndarray], split: Split, *, k: int = 5
+) -> tuple[float, dict[str, float]]:
+    """The promotion metric and its parts: k-NN balanced accuracy of each source's validation
+    images, and their mean (so a site's few images weigh as much as a vendor's thousands).
+
+    Decided by `training.evaluate.evaluate_embeddings`: the train split in the service's
+    `ReferenceIndex`, each validation image answered by its calibrated k-NN vote, exactly as
+    `/predict` would answer it. A model is promoted only if no source loses: a retrain that
+    learns a new site by forgetting the vendor's data (or the reverse) must not replace the
+    active model. References without a vector are left out.
+    """
+    from training.evaluate import evaluate_embeddings
+
+    train = [r for r in split.train if r.id in vectors]
+    val = [r for r in split.val if r.id in vectors]
+    if not train or not val:
+        return 0.0, {}
+    report = evaluate_embeddings(
+        np.stack([vectors[r.id] for r in train]),
+        [r.label for r in train],
+        np.stack([vectors[r.id] for r in val]),
+        [r.label for r in val],
+        k=k,
+        episodes=0,
+        query_sources=[r.source for r in val],
+    )
+    per_source = {
+        name: float(part["knn"]["balanced_accuracy"]) for name, part in report["per_source"].items()
     }
-
-
-def knn_balanced_accuracy(
-    ref_emb: np.ndarray,
-    refs: Sequence[RefSnapshot],
-    query_emb: np.ndarray,
-    queries: Sequence[RefSnapshot],
-    *,
-    k: int = 5,
-) -> float:
-    """The validation metric: mean over sources of their k-NN balanced accuracy, so a site's
-    few images weigh as much as a vendor's thousands (one source: plain balanced accuracy)."""
-    scores = per_source_accuracy(ref_emb, refs, query_emb, queries, k=k)
-    return float(np.mean(list(scores.values()))) if scores else 0.0
-
-
-def _knn_balanced_accuracy(
-    ref_emb: np.ndarray,
-    refs: Sequence[RefSnapshot],
-    query_emb: np.ndarray,
-    queries: Sequence[RefSnapshot],
-    *,
-    k: int = 5,
-) -> float:
-    """Balanced accuracy of the distance-weighted k-NN vote.
-
-    Mean over the query classes of per-class recall; a class's recall counts its queries whose
-    vote, among the `k` nearest references, weighted by 1/(distance + 1e-6), is its label.
-    """
-    if len(queries) == 0 or len(refs) == 0:
-        return 0.0
-    ref_labels = np.array([r.label for r in refs])
-    sims = query_emb @ ref_emb.T
-    dists = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims))
-    k = max(1, min(k, len(refs)))
-    nearest = np.argsort(dists, axis=1, kind="stable")[:, :k]
-    recalls: dict[str, list[bool]] = defaultdict(list)
-    for row, query in enumerate(queries):
-        votes: dict[str, float] = defaultdict(float)
-        for j in nearest[row]:
-            votes[str(ref_labels[j])] += 1.0 / (float(dists[row, j]) + 1e-6)
-        predicted = max(sorted(votes), key=lambda label: votes[label])
-        recalls[query.label].append(predicted == query.label)
-    return float(np.mean([np.mean(hits) for hits in recalls.values()]))
-
-
-def store_embeddings(
-    factory: sessionmaker[Session],
-    *,
-    model: Any,
-    model_version: str,
-    settings: Settings,
-    known: dict[str, np.ndarray],
-    device: str,
-    progress: Callable[[float], None] | None = None,
-) -> int:
-    """Store `embeddings` rows of every current reference for `model_version`.
-
-    References enrolled since the snapshot are embedded now; deleted ones are skipped. Returns
-    the number of rows written.
-    """
-    with factory() as session:
-        rows = session.execute(select(Reference.id, Reference.image_path)).all()
-        done = set(
-            session.execute(
-                select(Embedding.reference_id).where(Embedding.model_version == model_version)
-            ).scalars()
-        )
-    vectors: dict[str, np.ndarray] = {}
-    todo: list[tuple[str, Path]] = []
-    for ref_id, image_path in rows:
-        if ref_id in done:
-            continue
-        if ref_id in known:
-            vectors[ref_id] = known[ref_id]
-        else:
-            todo.append((ref_id, resolve_data_path(image_path, settings)))
-    for start in range(0, len(todo), EMBED_BATCH):
-        chunk = todo[start : start + EMBED_BATCH]
-        emb = embed_paths(model, [path for _, path in chunk], device=device, skip_unreadable=True)
-        vectors.update(
-            {
-                ref_id: vec
-                for (ref_id, _), vec in zip(chunk, emb, strict=True)
-                if np.isfinite(vec).all()
-            }
-        )
-        if progress is not None:
-            progress((start + len(chunk)) / len(todo))
-    with factory() as session:
-        still_there = set(session.execute(select(Reference.id)).scalars())
-        rows = [
-            {
-                "reference_id": ref_id,
-                "model_version": model_version,
-                "vector": np.ascontiguousarray(vec, dtype=np.float32).tobytes(),
-            }
-            for ref_id, vec in vectors.items()
-            if ref_id in still_there
-        ]
-        if rows:
-            session.execute(insert_embeddings_ignoring_duplicates(session), rows)
-            session.commit()
-    return len(rows)
+    return float(report["source_balanced_accuracy"]), per_source
 
 
 def _class_counts(refs: Sequence[RefSnapshot]) -> dict[str, int]:

@@ -24,8 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import Model, set_active_model, utcnow
-from app.files import atomic_copy
-from app.state import file_sha256, resolve_data_path
+from app.files import atomic_copy, file_sha256, resolve_data_path
 from training.checkpoint import load_checkpoint
 
 logger = logging.getLogger(__name__)

@@ -35,7 +35,8 @@ from app.files import atomic_write_bytes
 from app.gradcam import overlay_png
 from app.schemas_predict import GradcamPublic, NeighborPublic, PredictionPublic
 from app.services.uploads import decode_upload
-from app.state import NO_MODEL_REASON, NO_REFERENCES_REASON, ModelBundle, ServiceState
+from app.serving.bundle import ModelBundle
+from app.serving.state import NO_MODEL_REASON, NO_REFERENCES_REASON, ServiceState
 from index.reference_index import METHODS, IndexResult
 from training.imaging import (
     CorruptImageError,

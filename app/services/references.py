@@ -59,7 +59,8 @@ from training.imaging import (
 from training.imaging.deidentify import clean_for_storage
 
 if TYPE_CHECKING:
-    from app.state import LoadedModel, ServiceState
+    from app.serving.bundle import LoadedModel
+    from app.serving.state import ServiceState
     from training.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -521,7 +522,9 @@ def _announce_enrollment(
     The enrollment is committed already: a failure here is logged, never raised (the service
     falls back to a refresh from the database, which embeds what is missing).
     """
-    from app.state import ReferencesChange, embed_tensors
+    from app.serving.embeddings import store_embeddings
+    from app.serving.state import ReferencesChange
+    from training.embedding import embed_tensors
 
     change = None
     try:
@@ -531,8 +534,8 @@ def _announce_enrollment(
             import torch
 
             batch = torch.stack([tensors[r.sha256] for r in new])
-            vectors = embed_tensors(model.encoder, batch, model.device)
-            service.store_embeddings(
+            vectors = embed_tensors(model.encoder, batch, device=model.device)
+            store_embeddings(
                 session, model.version, {r.id: v for r, v in zip(new, vectors, strict=True)}
             )
             change = ReferencesChange(
@@ -606,7 +609,7 @@ def delete_reference(
         _remove_file(settings.data_dir / image_path, reference_id=reference_id)
     logger.info("reference deleted", extra={"reference_id": reference_id})
     if service is not None:
-        from app.state import ReferencesChange
+        from app.serving.state import ReferencesChange
 
         _notify(session, service, ReferencesChange(index_version=version, removed=(reference_id,)))
     return version

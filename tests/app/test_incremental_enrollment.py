@@ -12,7 +12,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import app.services.uploads as uploads_service
-import app.state as state_module
+import app.serving.embeddings as embeddings_module
+import app.serving.state as state_module
+import training.embedding as embedding_module
 from app.config import Settings
 from app.main import create_app
 from tests.app.conftest import new_key
@@ -56,7 +58,7 @@ def test_enrollment_and_deletion_update_the_index_in_place(
     before = post_predict(client, headers["reader"], query, explain=False).json()
 
     builds = counting(monkeypatch, state_module.ServiceState, "_build")
-    read_backs = counting(monkeypatch, state_module, "decode_image")
+    read_backs = counting(monkeypatch, embedding_module, "decode_image")
     decodes = counting(monkeypatch, uploads_service, "decode_image")
     added = enroll(client, headers["clinician"], "disc", [query, synthetic_xray("disc", seed=778)])
     assert len(decodes) == 2  # one decode per uploaded file ...
@@ -101,7 +103,7 @@ def test_another_process_catches_up_by_difference(
         query = synthetic_xray("stripes", seed=900)
         assert post_predict(client_b, reader, query, explain=False).status_code == 200
         index_before = app_b.state.service.bundle.index
-        computed = counting(monkeypatch, state_module.ServiceState, "_compute_embeddings")
+        computed = counting(monkeypatch, embeddings_module, "compute_embeddings")
         added = enroll(client_a, clinician, "stripes", [query])
         answer = post_predict(client_b, reader, query, explain=False).json()
         assert answer["neighbors"][0]["reference_id"] == added[0]["id"]

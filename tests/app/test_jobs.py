@@ -23,12 +23,14 @@ from app.jobs.options import JobOptions
 from app.jobs.tasks import (
     RefSnapshot,
     RetrainError,
-    embed_paths,
-    knn_balanced_accuracy,
+    Split,
+    embed_snapshot,
     run_retrain,
     split_for_validation,
+    validation_scores,
 )
 from app.services.jobs import JobConflictError, submit_retrain
+from app.serving.embeddings import Embedder
 from tests.app.conftest import new_key
 from tests.app.jobs_helpers import (
     LABELS,
@@ -81,16 +83,20 @@ def active_version(app: FastAPI) -> str | None:
 # -- building blocks --------------------------------------------------------------------------
 
 
-def _refs(counts: dict[str, int], *, duplicate: bool = False) -> list[RefSnapshot]:
+def _refs(
+    counts: dict[str, int], *, duplicate: bool = False, source: str = ""
+) -> list[RefSnapshot]:
     refs = []
     for label, n in counts.items():
         for i in range(n):
             digest = f"{label}-{i // 2 if duplicate else i}"
-            refs.append(RefSnapshot(id=f"{label}{i}", label=label, sha256=digest, path=Path("x")))
+            ref_id = f"{source}{label}{i}"
+            path = Path(f"{ref_id}.png")
+            refs.append(RefSnapshot(ref_id, label, digest, path, source))
     return refs
 
 
-def test_split_is_stratified_grouped_by_hash_and_keeps_every_class_in_train() -> None:
+def test_split_is_the_training_split_stratified_grouped_by_hash_per_source() -> None:
     refs = _refs({"A": 10, "B": 5, "C": 1})
     split = split_for_validation(refs, val_fraction=0.2, seed=0)
     val = [r.label for r in split.val]
@@ -99,36 +105,59 @@ def test_split_is_stratified_grouped_by_hash_and_keeps_every_class_in_train() ->
     assert split == split_for_validation(refs, val_fraction=0.2, seed=0)  # deterministic
     # Identical images (same hash) never straddle train and validation.
     grouped = split_for_validation(_refs({"A": 8, "B": 8}, duplicate=True), seed=3)
-    assert not {r.sha256 for r in grouped.train} & {r.sha256 for r in grouped.val}
-    # A class of two keeps one in train.
-    two = split_for_validation(_refs({"A": 2, "B": 2}), val_fraction=0.9, seed=0)
-    assert sorted(r.label for r in two.train) == ["A", "B"]
+    assert grouped.val and not {r.sha256 for r in grouped.train} & {r.sha256 for r in grouped.val}
+    # Each source is held out on its own: a small site gets validation images of every class.
+    sites = _refs({"A": 5, "B": 5}, source="vendor") + _refs({"A": 3, "B": 3}, source="site")
+    held = sorted((r.source, r.label) for r in split_for_validation(sites, seed=0).val)
+    assert held == [("site", "A"), ("site", "B"), ("vendor", "A"), ("vendor", "B")]
 
 
-def test_knn_balanced_accuracy_weights_every_class_equally() -> None:
-    refs = _refs({"A": 2, "B": 2})
-    ref_emb = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
-    queries = _refs({"A": 3, "B": 1})
-    # Every A query is right, the single B query is wrong: balanced accuracy 0.5.
-    query_emb = np.array([[1, 0], [1, 0], [1, 0], [1, 0]], dtype=np.float32)
-    assert knn_balanced_accuracy(ref_emb, refs, query_emb, queries, k=3) == pytest.approx(0.5)
-    constant = np.ones((4, 2), dtype=np.float32) / np.sqrt(2)
-    assert knn_balanced_accuracy(constant, refs, constant, queries, k=3) == pytest.approx(0.5)
+def test_validation_scores_answer_as_the_service_and_weigh_sources_equally() -> None:
+    """Two sources; the vendor's queries are all answered right, one of the site's two classes
+    wrong: per source 1.0 and 0.5, the promotion metric their mean 0.75 (not the pooled
+    0.83 of five right answers in six, where the vendor's numbers would hide the site)."""
+    train = _refs({"A": 3, "B": 3}, source="vendor") + _refs({"A": 3, "B": 3}, source="site")
+    val = _refs({"A": 2, "B": 2}, source="vendor")
+    val += [RefSnapshot(id="qa", label="A", sha256="qa", path=Path("qa"), source="site")]
+    val += [RefSnapshot(id="qb", label="B", sha256="qb", path=Path("qb"), source="site")]
+    val = [RefSnapshot(f"q{r.id}", r.label, r.sha256, r.path, r.source) for r in val]
+    a, b = np.array([1.0, 0.0], dtype=np.float32), np.array([0.0, 1.0], dtype=np.float32)
+    rng = np.random.default_rng(0)
+
+    def near(v: np.ndarray) -> np.ndarray:
+        w = v + rng.normal(0, 0.05, 2).astype(np.float32)
+        return w / np.linalg.norm(w)
+
+    vectors = {r.id: near(a if r.label == "A" else b) for r in train + val}
+    vectors["qqb"] = near(a)  # the site's B query looks like an A
+    score, per_source = validation_scores(vectors, Split(train=train, val=val), k=3)
+    assert per_source == {"site": pytest.approx(0.5), "vendor": pytest.approx(1.0)}
+    assert score == pytest.approx(0.75)
+    # A query without a vector is left out, not counted as wrong.
+    del vectors["qqb"]
+    assert validation_scores(vectors, Split(train=train, val=val), k=3)[0] == pytest.approx(1.0)
 
 
 def test_an_unreadable_reference_is_named_with_what_to_do(tmp_path: Path) -> None:
+    import torch
+
     from training.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(make_checkpoint(tmp_path / "m.pt"))
+    model = Embedder.from_checkpoint(loaded, version="v", device=torch.device("cpu"))
     good = tmp_path / "good.png"
     good.write_bytes(class_png(LABELS[0], 1))
     bad = tmp_path / "abc123.png"
     bad.write_bytes(b"not an image at all")
+    refs = [
+        RefSnapshot(id="good", label=LABELS[0], sha256="g", path=good),
+        RefSnapshot(id="abc123", label=LABELS[0], sha256="b", path=bad),
+    ]
     with pytest.raises(RetrainError, match="DELETE /references/abc123"):
-        embed_paths(loaded, [good, bad], device="cpu")
-    emb = embed_paths(loaded, [good, bad], device="cpu", skip_unreadable=True)
-    assert np.isfinite(emb[0]).all() and not np.isfinite(emb[1]).any()
-    assert np.linalg.norm(emb[0]) == pytest.approx(1.0, abs=1e-5)
+        embed_snapshot(model, refs)
+    vectors = embed_snapshot(model, refs[:1])
+    assert list(vectors) == ["good"]
+    assert np.linalg.norm(vectors["good"]) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -406,8 +435,8 @@ def test_activation_decision_compares_with_the_active_model_on_the_same_split(
 
     monkeypatch.setattr(training_train, "train", fake_train)
     if outcome == "beats":
-        scores = iter([0.9, 0.2])  # new model first, then the active one
-        monkeypatch.setattr(tasks, "knn_balanced_accuracy", lambda *a, **k: next(scores))
+        scores = iter([(0.9, {"": 0.9}), (0.2, {"": 0.2})])  # new model first, then the active
+        monkeypatch.setattr(tasks, "validation_scores", lambda *a, **k: next(scores))
     active = register(app, make_checkpoint(tmp_path / "a.pt", constant=True), activate=True)
     enroll(client, headers["clinician"], per_class=4)
 

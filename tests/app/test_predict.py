@@ -16,7 +16,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.db import ApiKey, Prediction
 from app.main import create_app
-from app.state import ServiceState
+from app.serving.state import ServiceState
 from tests.app.conftest_predict import CLASS_KINDS, enroll, post_predict, synthetic_xray
 
 ANSWER_FIELDS = {

@@ -1,0 +1,55 @@
+"""Loading the active model for serving: the checkpoint file checked against its registered
+sha256, loaded onto the serving device, frozen, with its Grad-CAM explainer pool."""
+
+from __future__ import annotations
+
+import torch
+
+from app.config import Settings
+from app.db import Model
+from app.files import file_sha256, resolve_data_path
+from app.gradcam import Explainer
+from app.serving.bundle import LoadedModel
+from training.checkpoint import load_checkpoint
+
+__all__ = ["ModelFileError", "load_model"]
+
+
+class ModelFileError(RuntimeError):
+    """The active model's checkpoint file is missing, altered or unreadable."""
+
+
+def load_model(
+    row: Model, *, settings: Settings, device: torch.device, inference_workers: int
+) -> LoadedModel:
+    """The model of registry row `row`, ready to serve; `ModelFileError` says what to restore.
+
+    `inference_workers` sizes the Grad-CAM copy pool (one per concurrent explanation).
+    """
+    path = resolve_data_path(row.file_path, settings)
+    if not path.is_file():
+        raise ModelFileError(
+            f"model {row.version}: checkpoint file {path} is missing; restore it or "
+            "register the checkpoint again with `cxr models add CKPT --activate`"
+        )
+    digest = file_sha256(path)
+    if digest != row.sha256:
+        raise ModelFileError(
+            f"model {row.version}: checkpoint file {path} does not match its registered "
+            f"sha256 (file changed on disk); restore the original or register it again"
+        )
+    loaded = load_checkpoint(path, map_location=str(device))
+    encoder = loaded.encoder.to(device).eval()
+    for param in encoder.parameters():
+        param.requires_grad_(False)
+    return LoadedModel(
+        version=row.version,
+        sha256=digest,
+        encoder=encoder,
+        preprocessing=loaded.preprocessing,
+        device=device,
+        embedding_dim=int(loaded.embedding_dim),
+        encoder_name=str(loaded.encoder_name),
+        trained_classes=tuple(loaded.classes or ()),
+        explainer=Explainer(encoder, size=inference_workers),
+    )
