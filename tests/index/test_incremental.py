@@ -99,14 +99,14 @@ def test_a_search_does_not_wait_for_the_background_refit(monkeypatch: pytest.Mon
     index = ReferenceIndex.build(x, ids, labels, device="cpu", recalibration="background")
     index.wait_calibrated()
     fitting, release = threading.Event(), threading.Event()
-    fit = ReferenceIndex._fit_calibration
+    fit = ReferenceIndex._fit
 
     def slow_fit(self: ReferenceIndex, snap: object) -> object:
         fitting.set()
         assert release.wait(timeout=60)
         return fit(self, snap)
 
-    monkeypatch.setattr(ReferenceIndex, "_fit_calibration", slow_fit)
+    monkeypatch.setattr(ReferenceIndex, "_fit", slow_fit)
     fork = index.fork()
     extra, extra_ids, extra_labels = clustered(2, 9)
     fork.add(extra, extra_ids, extra_labels)
