@@ -408,10 +408,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        try:
-            service.close()
-        except Exception:
-            logger.exception("service close failed")
         engine.dispose()
         logger.info("service stopped")
 
