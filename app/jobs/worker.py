@@ -100,7 +100,7 @@ def _warm_imports() -> None:
     job starts training at once instead of spending its first seconds importing torch."""
     import importlib
 
-    for module in ("app.jobs.tasks", "app.services.models", "training.train"):
+    for module in ("app.jobs.tasks", "app.services.retrain", "training.train"):
         try:
             importlib.import_module(module)
         except Exception:  # the job will report the real error when it runs

@@ -20,16 +20,19 @@ from app.config import Settings
 from app.db import Embedding, Job, Model, Reference, utcnow
 from app.jobs.heartbeat import reap_stale_jobs
 from app.jobs.options import JobOptions
-from app.jobs.tasks import (
+from app.jobs.tasks import run_retrain
+from app.services.jobs import JobConflictError, submit_retrain
+from app.services.retrain import (
+    Decision,
     RefSnapshot,
     RetrainError,
+    Scores,
     Split,
+    decide_activation,
     embed_snapshot,
-    run_retrain,
     split_for_validation,
     validation_scores,
 )
-from app.services.jobs import JobConflictError, submit_retrain
 from app.serving.embeddings import Embedder
 from tests.app.conftest import new_key
 from tests.app.jobs_helpers import (
@@ -422,7 +425,7 @@ def test_activation_decision_compares_with_the_active_model_on_the_same_split(
     the real metric scores it and the (also constant) active model exactly 1/3 on the same
     split; a tie is no improvement, so it stays a candidate an admin can promote. "beats": the
     metric is stubbed to favour the new model, which is then activated by the job itself."""
-    import app.jobs.tasks as tasks
+    import app.services.retrain as retrain_service
     import training.train as training_train
 
     def fake_train(config: Any, *, samples: Any = None, progress: Any = None) -> Any:
@@ -436,7 +439,7 @@ def test_activation_decision_compares_with_the_active_model_on_the_same_split(
     monkeypatch.setattr(training_train, "train", fake_train)
     if outcome == "beats":
         scores = iter([(0.9, {"": 0.9}), (0.2, {"": 0.2})])  # new model first, then the active
-        monkeypatch.setattr(tasks, "validation_scores", lambda *a, **k: next(scores))
+        monkeypatch.setattr(retrain_service, "validation_scores", lambda *a, **k: next(scores))
     active = register(app, make_checkpoint(tmp_path / "a.pt", constant=True), activate=True)
     enroll(client, headers["clinician"], per_class=4)
 
@@ -539,3 +542,38 @@ def test_an_invalid_source_name_is_refused(
     )  # fmt: skip
     assert response.status_code == 422
     assert "source must be" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("new", "active", "current", "expected", "why"),
+    [
+        (Scores(0.5, {"a": 0.5}), None, None, True, "no active model"),
+        (Scores(0.80, {"a": 0.9, "b": 0.7}), Scores(0.75, {"a": 0.8, "b": 0.7}), "m1", True,
+         "beats"),
+        # the mean improves but one source loses more than the tolerance: a candidate
+        (Scores(0.80, {"a": 0.97, "b": 0.63}), Scores(0.75, {"a": 0.8, "b": 0.7}), "m1", False,
+         "worse than m1 on a source (b 0.630 < 0.700)"),
+        # a loss within the tolerance does not block
+        (Scores(0.80, {"a": 0.91, "b": 0.69}), Scores(0.75, {"a": 0.8, "b": 0.7}), "m1", True,
+         "beats"),
+        # a tie is no improvement
+        (Scores(0.75, {"a": 0.8, "b": 0.7}), Scores(0.75, {"a": 0.8, "b": 0.7}), "m1", False,
+         "does not beat m1"),
+        # an admin switched models during training: the comparison is void
+        (Scores(0.9, {"a": 0.9}), Scores(0.1, {"a": 0.1}), "m2", False,
+         "the active model changed to m2"),
+    ],
+)  # fmt: skip
+def test_decide_activation(
+    new: Scores, active: Scores | None, current: str | None, expected: bool, why: str
+) -> None:
+    active_version = None if active is None else "m1"
+    decision = decide_activation(
+        new=new, active=active, active_version=active_version,
+        current_version=current if active is not None else None, version="m3",
+    )  # fmt: skip
+    assert isinstance(decision, Decision)
+    assert decision.activate is expected
+    assert why in decision.reason
+    if not expected:
+        assert "POST /admin/models/m3/activate" in decision.reason
