@@ -96,6 +96,11 @@ class Settings(BaseSettings):
         ge=1,
         description="Predictions whose CPU work may run at once; unset: min(4, CPU count).",
     )
+    onnx: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: the CPU encoder's plain forward runs in ONNX Runtime (exported once "
+        "per checkpoint, checked against torch; Grad-CAM and CUDA stay on torch). off: torch.",
+    )
 
     # -- job system (read through `app.jobs.options.JobOptions.from_settings`) ------------------
     jobs_queue: str = Field(

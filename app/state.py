@@ -55,6 +55,7 @@ from app.db import (
     insert_embeddings_ignoring_duplicates,
 )
 from app.gradcam import Explainer
+from app.serving.onnx_runtime import OnnxEncoder, load_onnx_encoder
 from index.reference_index import ReferenceIndex
 from training.checkpoint import load_checkpoint
 from training.imaging import ImageError, decode_image
@@ -152,6 +153,14 @@ class LoadedModel:
     encoder_name: str
     trained_classes: tuple[str, ...]
     explainer: Explainer
+    #: The plain forward in ONNX Runtime (CPU, `CXR_ONNX=auto`); None: the torch encoder.
+    onnx: OnnxEncoder | None = None
+
+    def embed(self, batch: torch.Tensor) -> np.ndarray:
+        """Embeddings ``(B, dim)`` of a preprocessed batch: ONNX Runtime when loaded, else torch."""
+        if self.onnx is not None:
+            return self.onnx(batch.numpy())
+        return embed_tensors(self.encoder, batch, self.device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,7 +218,7 @@ class ModelBundle:
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         """Embeddings of a preprocessed batch with this bundle's encoder."""
-        return embed_tensors(self.model.encoder, batch, self.model.device)
+        return self.model.embed(batch)
 
 
 @dataclass(frozen=True)
@@ -618,6 +627,14 @@ class ServiceState:
             encoder_name=str(loaded.encoder_name),
             trained_classes=tuple(loaded.classes or ()),
             explainer=Explainer(encoder, size=self.inference_workers),
+            onnx=load_onnx_encoder(
+                encoder,
+                sha256=digest,
+                image_size=loaded.preprocessing.image_size,
+                models_dir=self.settings.models_dir,
+            )
+            if self.settings.onnx == "auto" and self.device.type == "cpu"
+            else None,
         )
 
     def _collect_embeddings(
@@ -666,7 +683,7 @@ class ServiceState:
                 batch_refs.append(ref)
             if not tensors:
                 continue
-            emb = embed_tensors(model.encoder, torch.stack(tensors), model.device)
+            emb = model.embed(torch.stack(tensors))
             for ref, vec in zip(batch_refs, emb, strict=True):
                 out[ref.id] = vec
         if unreadable:

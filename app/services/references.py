@@ -521,7 +521,7 @@ def _announce_enrollment(
     The enrollment is committed already: a failure here is logged, never raised (the service
     falls back to a refresh from the database, which embeds what is missing).
     """
-    from app.state import ReferencesChange, embed_tensors
+    from app.state import ReferencesChange
 
     change = None
     try:
@@ -531,7 +531,7 @@ def _announce_enrollment(
             import torch
 
             batch = torch.stack([tensors[r.sha256] for r in new])
-            vectors = embed_tensors(model.encoder, batch, model.device)
+            vectors = model.embed(batch)
             service.store_embeddings(
                 session, model.version, {r.id: v for r, v in zip(new, vectors, strict=True)}
             )
