@@ -28,6 +28,7 @@ retried for the same database state for `retry_after_s` seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -55,6 +56,7 @@ from app.db import (
     insert_embeddings_ignoring_duplicates,
 )
 from app.gradcam import Explainer
+from app.serving.batcher import MicroBatcher
 from app.serving.onnx_runtime import OnnxEncoder, load_onnx_encoder
 from index.reference_index import ReferenceIndex
 from training.checkpoint import load_checkpoint
@@ -155,12 +157,21 @@ class LoadedModel:
     explainer: Explainer
     #: The plain forward in ONNX Runtime (CPU, `CXR_ONNX=auto`); None: the torch encoder.
     onnx: OnnxEncoder | None = None
+    #: Concurrent forwards batched into one (`CXR_PREDICT_BATCH_MAX` > 1); None: direct calls.
+    batcher: MicroBatcher | None = None
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
-        """Embeddings ``(B, dim)`` of a preprocessed batch: ONNX Runtime when loaded, else torch."""
+        """Embeddings ``(B, dim)`` of a preprocessed batch: ONNX Runtime when loaded, else torch
+        (through the micro-batcher when one is configured)."""
+        if self.batcher is not None:
+            return self.batcher(batch.numpy())
+        return self.forward(batch.numpy())
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """One forward of a preprocessed ``(B, 1, S, S)`` batch, without batching."""
         if self.onnx is not None:
-            return self.onnx(batch.numpy())
-        return embed_tensors(self.encoder, batch, self.device)
+            return self.onnx(batch)
+        return embed_tensors(self.encoder, torch.from_numpy(batch), self.device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -617,7 +628,7 @@ class ServiceState:
         encoder = loaded.encoder.to(self.device).eval()
         for param in encoder.parameters():
             param.requires_grad_(False)
-        return LoadedModel(
+        model = LoadedModel(
             version=row.version,
             sha256=digest,
             encoder=encoder,
@@ -636,6 +647,14 @@ class ServiceState:
             if self.settings.onnx == "auto" and self.device.type == "cpu"
             else None,
         )
+        if self.settings.predict_batch_max <= 1:
+            return model
+        batcher = MicroBatcher(
+            model.forward,
+            max_batch=self.settings.predict_batch_max,
+            max_wait_s=self.settings.predict_batch_wait_ms / 1000.0,
+        )
+        return dataclasses.replace(model, batcher=batcher)
 
     def _collect_embeddings(
         self,
