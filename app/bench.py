@@ -65,6 +65,10 @@ class BenchRow:
     requests: int
     status_5xx: int
     bare_explain_p50_ms: float
+    #: The server process's resident memory right after the phase (Linux; None elsewhere).
+    server_rss_mb: float | None = None
+    #: `CXR_ONNX` of both the server and the bare timer (ONNX Runtime or eager torch forward).
+    onnx: str = "auto"
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -174,7 +178,7 @@ class _BareTimer:
 
     def __init__(self, settings: Any, query: bytes, *, inference_workers: int | None) -> None:
         from app.db.session import create_db_engine, create_sessionmaker
-        from app.state import ServiceState
+        from app.serving.state import ServiceState
 
         self.settings = settings
         self.query = query
@@ -253,6 +257,17 @@ async def _drive(
     return latencies, errors, status_5xx, elapsed
 
 
+def _rss_mb(pid: int) -> float | None:
+    """Resident set size of process `pid` in MB, from /proc (None where there is no /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024.0, 1)
+    except OSError:
+        return None
+    return None
+
+
 def _wait_ready(base_url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     last = ""
@@ -283,6 +298,7 @@ def run_predict_bench(
     bare_iterations: int = 30,
     inference_workers: int | None = None,
     work_dir: Path | None = None,
+    onnx: str = "auto",
 ) -> list[BenchRow]:
     """Run the benchmark end to end (see the module docstring); returns one row per phase."""
     from app.config import Settings
@@ -291,7 +307,9 @@ def run_predict_bench(
         tmp_path = Path(tmp)
         data_dir = tmp_path / "var"
         secret = secrets.token_urlsafe(32)
-        settings = Settings(data_dir=data_dir, secret_key=secret, device="cpu", log_level="WARNING")
+        settings = Settings(
+            data_dir=data_dir, secret_key=secret, device="cpu", log_level="WARNING", onnx=onnx
+        )
         if checkpoint is None:
             checkpoint = _fresh_checkpoint(tmp_path / "fresh.pt")
         keys = _prepare_state(settings, checkpoint, references_per_class)
@@ -307,6 +325,7 @@ def run_predict_bench(
             "CXR_DEVICE": "cpu",
             "CXR_LOG_LEVEL": "WARNING",
             "CXR_ENVIRONMENT": "development",
+            "CXR_ONNX": onnx,
         }
         env.pop("CXR_DATABASE_URL", None)
         env.pop("CXR_BROKER_URL", None)
@@ -371,6 +390,8 @@ def run_predict_bench(
                             requests=len(lat),
                             status_5xx=s5xx,
                             bare_explain_p50_ms=round(bare_explain_ms, 2),
+                            server_rss_mb=_rss_mb(proc.pid),
+                            onnx=settings.onnx,
                         )
                         logger.info("bench row: %s", row.as_dict())
                         rows.append(row)
@@ -392,14 +413,16 @@ def run_predict_bench(
 def format_table(rows: Sequence[BenchRow]) -> str:
     """A Markdown table of the rows (what docs/BENCHMARKS.md shows)."""
     lines = [
-        "| clients | explain | p50_ms | p99_ms | rps | errors | 5xx | bare_p50_ms | p50/bare |",
-        "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| onnx | clients | explain | p50_ms | p99_ms | rps | errors | 5xx | bare_p50_ms | "
+        "p50/bare | server_rss_mb |",
+        "|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = r.p50_ms / r.bare_p50_ms if r.bare_p50_ms else float("nan")
         lines.append(
-            f"| {r.clients} | {str(r.explain).lower()} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
-            f"{r.rps:.1f} | {r.errors} | {r.status_5xx} | {r.bare_p50_ms:.1f} | {ratio:.2f} |"
+            f"| {r.onnx} | {r.clients} | {str(r.explain).lower()} | {r.p50_ms:.1f} | "
+            f"{r.p99_ms:.1f} | {r.rps:.1f} | {r.errors} | {r.status_5xx} | "
+            f"{r.bare_p50_ms:.1f} | {ratio:.2f} | {r.server_rss_mb} |"
         )
     return "\n".join(lines)
 
@@ -442,6 +465,13 @@ def bench_predict_command(
     explain: Annotated[
         str, typer.Option(help="Explain modes to run: false,true | false | true.")
     ] = "false,true",
+    onnx: Annotated[
+        str,
+        typer.Option(
+            help="CXR_ONNX of the served encoder, one full run each: auto (ONNX Runtime), "
+            "off (eager torch), or auto,off to compare them in one command."
+        ),
+    ] = "auto",
 ) -> None:
     """Benchmark POST /predict on the real service; prints a table and writes JSON rows."""
     client_counts = _parse_clients(clients)
@@ -459,22 +489,33 @@ def bench_predict_command(
     from app.logging import configure_logging
 
     configure_logging("INFO", json_logs=False, stream=sys.stderr)
-    rows = run_predict_bench(
-        clients=client_counts,
-        seconds=seconds,
-        checkpoint=checkpoint,
-        references_per_class=references_per_class,
-        explain_modes=modes,
-    )
+    onnx_modes = [part.strip().lower() for part in onnx.split(",") if part.strip()]
+    if not onnx_modes or any(mode not in ("auto", "off") for mode in onnx_modes):
+        raise typer.BadParameter("--onnx takes auto, off or auto,off")
+    rows = []
+    for mode in onnx_modes:
+        rows += run_predict_bench(
+            clients=client_counts,
+            seconds=seconds,
+            checkpoint=checkpoint,
+            references_per_class=references_per_class,
+            explain_modes=modes,
+            onnx=mode,
+        )
     typer.echo(format_table(rows))
-    by_mode = {(r.clients, r.explain): r for r in rows}
-    for n in client_counts:
-        plain, expl = by_mode.get((n, False)), by_mode.get((n, True))
-        if plain and expl and plain.p50_ms:
-            typer.echo(
-                f"clients={n}: p50 no-explain / bare = {plain.p50_ms / plain.bare_p50_ms:.2f}, "
-                f"explain / no-explain = {expl.p50_ms / plain.p50_ms:.2f}"
-            )
+    by_mode = {(r.onnx, r.clients, r.explain): r for r in rows}
+    for mode in onnx_modes:
+        one = by_mode.get((mode, client_counts[0], False))
+        for n in client_counts:
+            plain, expl = by_mode.get((mode, n, False)), by_mode.get((mode, n, True))
+            if plain and plain.p50_ms:
+                line = f"onnx={mode} clients={n}: p50 no-explain / bare = "
+                line += f"{plain.p50_ms / plain.bare_p50_ms:.2f}"
+                if expl:
+                    line += f", explain / no-explain = {expl.p50_ms / plain.p50_ms:.2f}"
+                if one and one.rps:
+                    line += f", rps / one-client rps = {plain.rps / one.rps:.2f}"
+                typer.echo(line)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")

@@ -96,6 +96,24 @@ class Settings(BaseSettings):
         ge=1,
         description="Predictions whose CPU work may run at once; unset: min(4, CPU count).",
     )
+    onnx: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: the CPU encoder's plain forward runs in ONNX Runtime (exported once "
+        "per checkpoint, checked against torch; Grad-CAM and CUDA stay on torch). off: torch.",
+    )
+    predict_batch_max: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Images per micro-batched forward of concurrent predictions (1: no batching; "
+        "on a small CPU single forwards in parallel were faster, see docs/BENCHMARKS.md).",
+    )
+    predict_batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        description="How long a micro-batch waits for more requests (0: only those queued).",
+    )
 
     # -- job system (read through `app.jobs.options.JobOptions.from_settings`) ------------------
     jobs_queue: str = Field(

@@ -524,7 +524,6 @@ def _announce_enrollment(
     """
     from app.serving.embeddings import store_embeddings
     from app.serving.state import ReferencesChange
-    from training.embedding import embed_tensors
 
     change = None
     try:
@@ -534,7 +533,7 @@ def _announce_enrollment(
             import torch
 
             batch = torch.stack([tensors[r.sha256] for r in new])
-            vectors = embed_tensors(model.encoder, batch, device=model.device)
+            vectors = model.embed(batch)
             store_embeddings(
                 session, model.version, {r.id: v for r, v in zip(new, vectors, strict=True)}
             )

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from app.gradcam import Explainer
+from app.serving.batcher import MicroBatcher
+from app.serving.onnx_runtime import OnnxEncoder
 from index.reference_index import ReferenceIndex
 from training.embedding import embed_tensors
 from training.preprocess import Preprocessing
@@ -39,6 +41,23 @@ class LoadedModel:
     encoder_name: str
     trained_classes: tuple[str, ...]
     explainer: Explainer
+    #: The plain forward in ONNX Runtime (CPU, `CXR_ONNX=auto`); None: the torch encoder.
+    onnx: OnnxEncoder | None = None
+    #: Concurrent forwards batched into one (`CXR_PREDICT_BATCH_MAX` > 1); None: direct calls.
+    batcher: MicroBatcher | None = None
+
+    def embed(self, batch: torch.Tensor) -> np.ndarray:
+        """Embeddings ``(B, dim)`` of a preprocessed batch: ONNX Runtime when loaded, else torch
+        (through the micro-batcher when one is configured)."""
+        if self.batcher is not None:
+            return self.batcher(batch.numpy())
+        return self.forward(batch.numpy())
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """One forward of a preprocessed ``(B, 1, S, S)`` batch, without batching."""
+        if self.onnx is not None:
+            return self.onnx(batch)
+        return embed_tensors(self.encoder, torch.from_numpy(batch), device=self.device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,4 +115,4 @@ class ModelBundle:
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         """Embeddings of a preprocessed batch with this bundle's encoder."""
-        return embed_tensors(self.model.encoder, batch, device=self.model.device)
+        return self.model.embed(batch)

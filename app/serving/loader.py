@@ -1,7 +1,10 @@
 """Loading the active model for serving: the checkpoint file checked against its registered
-sha256, loaded onto the serving device, frozen, with its Grad-CAM explainer pool."""
+sha256, loaded onto the serving device, frozen, with its Grad-CAM explainer pool, its ONNX
+Runtime session for the plain CPU forward (`CXR_ONNX`) and its micro-batcher when configured."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -9,7 +12,9 @@ from app.config import Settings
 from app.db import Model
 from app.files import file_sha256, resolve_data_path
 from app.gradcam import Explainer
+from app.serving.batcher import MicroBatcher
 from app.serving.bundle import LoadedModel
+from app.serving.onnx_runtime import load_onnx_encoder
 from training.checkpoint import load_checkpoint
 
 __all__ = ["ModelFileError", "load_model"]
@@ -42,7 +47,7 @@ def load_model(
     encoder = loaded.encoder.to(device).eval()
     for param in encoder.parameters():
         param.requires_grad_(False)
-    return LoadedModel(
+    model = LoadedModel(
         version=row.version,
         sha256=digest,
         encoder=encoder,
@@ -52,4 +57,20 @@ def load_model(
         encoder_name=str(loaded.encoder_name),
         trained_classes=tuple(loaded.classes or ()),
         explainer=Explainer(encoder, size=inference_workers),
+        onnx=load_onnx_encoder(
+            encoder,
+            sha256=digest,
+            image_size=loaded.preprocessing.image_size,
+            models_dir=settings.models_dir,
+        )
+        if settings.onnx == "auto" and device.type == "cpu"
+        else None,
     )
+    if settings.predict_batch_max <= 1:
+        return model
+    batcher = MicroBatcher(
+        model.forward,
+        max_batch=settings.predict_batch_max,
+        max_wait_s=settings.predict_batch_wait_ms / 1000.0,
+    )
+    return dataclasses.replace(model, batcher=batcher)
