@@ -211,7 +211,7 @@ def predict(
         label=result.label,
         # Far from every class, or not a chest radiograph at all (training/ood.py).
         unknown=bool(result.unknown)
-        or (settings.ood_check and is_out_of_distribution(query.image)),
+        or (settings.ood_check and is_out_of_distribution(query.image, data=data)),
         confidence=float(np.clip(result.confidence, 0.0, 1.0)),
         distances={label: float(d) for label, d in result.distances.items()},
         neighbors=[

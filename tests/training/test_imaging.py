@@ -364,7 +364,9 @@ def test_dicom_monochrome1_is_inverted() -> None:
     arr = gradient(dtype=np.uint16, top=1000)
     out = decode_image(dicom_bytes(arr, photometric="MONOCHROME1"))
     brightest_stored = np.unravel_index(np.argmax(arr), arr.shape)
-    assert out[brightest_stored] == 0.0  # max value in MONOCHROME1 is displayed black
+    # max value in MONOCHROME1 is displayed darkest: 1 - 1000/1023 on the fixed 10-bit scale
+    # (no window: scaled by bit depth like a PNG of the same pixels, not stretched)
+    assert out[brightest_stored] == pytest.approx(1 - 1000 / 1023) == out.min()
     assert out[0, 0] == pytest.approx(1.0)
 
 
@@ -381,7 +383,8 @@ def test_dicom_window_is_applied() -> None:
 def test_dicom_multiframe_gives_first_frame_and_rgb_gives_gray() -> None:
     frames = np.stack([gradient(dtype=np.uint16, top=100), np.zeros((16, 24), np.uint16)])
     out = decode_image(dicom_bytes(frames, frames=2))
-    assert out.shape == (16, 24) and out.max() == pytest.approx(1.0)
+    # the first frame (the second is black), on the fixed 8-bit scale a PNG would get
+    assert out.shape == (16, 24) and out.max() == pytest.approx(100 / 255)
 
     rgb = np.zeros((8, 10, 3), np.uint8)
     rgb[:, 5:] = 255

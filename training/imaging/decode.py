@@ -37,7 +37,7 @@ def decode_image(
 
     Conversions: colour and palette images become luma; alpha is dropped; 16-bit PNGs keep
     their precision (scaled by their real bit depth, see
-    :func:`training.imaging.raster._high_bit_depth_to_unit`);
+    :func:`training.imaging.pixels.bit_depth_to_unit`);
     DICOM gets the modality LUT (rescale), then the VOI LUT or window, then a min-max
     stretch; MONOCHROME1 is inverted; multi-frame DICOM yields its first frame.
 

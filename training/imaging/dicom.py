@@ -19,7 +19,7 @@ from training.imaging.errors import (
     safe_message,
 )
 from training.imaging.limits import MB, check_budget, check_pixels
-from training.imaging.pixels import min_max, rgb_to_gray
+from training.imaging.pixels import bit_depth_to_unit, min_max, rgb_to_gray
 
 logger = logging.getLogger(__name__)
 
@@ -246,10 +246,13 @@ class _DropDecoderTracebacks(logging.Filter):
     keeps one WARNING from us instead of a traceback that looks like a server fault."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and record.pathname.endswith(("decoders/base.py",)))
+        failed = record.exc_info or record.levelno >= logging.ERROR
+        return not (failed and record.pathname.endswith(("decoders/base.py",)))
 
 
-logging.getLogger("pydicom").addFilter(_DropDecoderTracebacks())
+# On the module's own logger too: a parent logger's filter never sees a child's records.
+for _name in ("pydicom", "pydicom.pixels.decoders.base"):
+    logging.getLogger(_name).addFilter(_DropDecoderTracebacks())
 
 
 def _decoder_available(ts: Any) -> bool:
@@ -325,6 +328,18 @@ def dicom_cost(ds: Any, *, compressed: bool, inflated: bool) -> int:
     return cost
 
 
+def _no_display_transform(ds: Any) -> bool:
+    """Whether the data set asks for no rescale, modality LUT, window or VOI LUT."""
+    if any(k in ds for k in ("ModalityLUTSequence", "VOILUTSequence", "WindowCenter")):
+        return False
+    try:
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        return False
+    return slope == 1.0 and intercept == 0.0
+
+
 def _first_value(value: Any) -> float:
     if not isinstance(value, str | bytes) and hasattr(value, "__getitem__"):
         value = value[0]
@@ -381,6 +396,16 @@ def decode_dicom(data: bytes, max_pixels: int | None, max_bytes: int | None = No
             f"The DICOM pixel data has an unexpected shape {arr.shape}; export a single "
             "2-D grayscale image."
         )
+    if _no_display_transform(ds) and arr.dtype.kind == "u":
+        # No rescale and no window: scale by the stored bit depth exactly as a PNG of the same
+        # pixels is scaled (8-bit: /255), not by this image's own min and max, so the same
+        # low-contrast pixels give the same model input in either container.
+        stored = int(getattr(ds, "BitsStored", 0) or 0)
+        allocated = int(getattr(ds, "BitsAllocated", 0) or 0)
+        unit = bit_depth_to_unit(arr, stored if 0 < stored < allocated else None)
+        if photometric == "MONOCHROME1":
+            np.subtract(np.float32(1.0), unit, out=unit)
+        return np.ascontiguousarray(unit, dtype=np.float32)
     values: np.ndarray
     try:
         if _dicom_lean_luts(ds):

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from training.imaging.errors import CorruptImageError, ImageError, ImageTooLargeError
 from training.imaging.formats import ImageFormat
 from training.imaging.limits import check_budget, check_pixels, too_large_error
-from training.imaging.pixels import min_max
+from training.imaging.pixels import bit_depth_to_unit, min_max
 
 __all__ = ["decode_pil", "open_pil", "parse_header_size", "pil_cost"]
 
@@ -162,35 +162,11 @@ def _png_significant_bits(img: Image.Image) -> int | None:
     return bits if 1 <= bits <= 16 else None
 
 
-def _high_bit_depth_to_unit(arr: np.ndarray, significant_bits: int | None) -> np.ndarray:
-    """Scale 16-bit (or 32-bit integer) grayscale to ``[0, 1]`` by its real value range.
-
-    Medical 16-bit PNGs often hold 10-, 12- or 14-bit data: dividing by 65535 would give an
-    almost black image. We divide by ``2**bits - 1`` where ``bits`` is the declared ``sBIT``
-    depth, or else the smallest depth (at least 8) that holds the image's maximum value. This
-    keeps one fixed scale per bit depth (unlike a per-image min-max stretch) while never
-    clipping to 8 bits.
-    """
-    # float32 holds every 16-bit value exactly; work in place on one copy (memory budget).
-    arr = arr.astype(np.float32)
-    lo = float(arr.min()) if arr.size else 0.0
-    if lo < 0:  # signed 32-bit data: shift so that the minimum is black
-        arr -= np.float32(lo)
-    peak = float(arr.max()) if arr.size else 0.0
-    if significant_bits is not None and peak <= 2**significant_bits - 1:
-        bits = significant_bits
-    else:
-        bits = max(8, int(np.ceil(np.log2(peak + 1.0))) if peak > 0 else 8)
-    arr /= np.float32(2**bits - 1)
-    np.clip(arr, 0.0, 1.0, out=arr)
-    return arr
-
-
 def _pil_to_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(img)
-        return _high_bit_depth_to_unit(arr, _png_significant_bits(img))
+        return bit_depth_to_unit(arr, _png_significant_bits(img))
     if mode == "F":
         return min_max(np.asarray(img, dtype=np.float64))
     if mode == "1":
