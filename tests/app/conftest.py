@@ -118,39 +118,55 @@ def dicom_bytes(
     seed: int = 0,
     size: tuple[int, int] = (32, 32),
     *,
-    patient_name: str = "DOE^JANE",
+    patient_name: str | None = "DOE^JANE",
     patient_id: str = "PID-4711-0815",
+    pixels: np.ndarray | None = None,
+    bits_stored: int | None = None,
+    transfer_syntax: str | None = None,
+    pixel_data: bytes | None = None,
 ) -> bytes:
-    """A 16-bit MONOCHROME2 DICOM with patient identifiers set (to test de-identification)."""
+    """A MONOCHROME2 DICOM: 16-bit (12 stored) random pixels with patient identifiers set (to
+    test de-identification), or ``pixels`` as given (8- or 16-bit, every bit stored unless
+    ``bits_stored``) with none when ``patient_name`` is None; ``pixel_data`` (encapsulated,
+    with its ``transfer_syntax``) replaces the raw pixels."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 4096, size=(size[1], size[0]), dtype=np.uint16)
+    if pixels is None:
+        rng = np.random.default_rng(seed)
+        arr = rng.integers(0, 4096, size=(size[1], size[0]), dtype=np.uint16)
+        bits_stored = bits_stored or 12
+    else:
+        arr = pixels
+    allocated = 8 if arr.dtype == np.uint8 else 16
+    stored = bits_stored or allocated
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = "19700101"
-    ds.InstitutionName = "General Hospital"
-    ds.ReferringPhysicianName = "DOE^JOHN"
+    if patient_name is not None:
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = "19700101"
+        ds.InstitutionName = "General Hospital"
+        ds.ReferringPhysicianName = "DOE^JOHN"
     ds.Modality = "CR"
     ds.Rows, ds.Columns = arr.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
+    ds.BitsAllocated = allocated
+    ds.BitsStored = stored
+    ds.HighBit = stored - 1
     ds.PixelRepresentation = 0
-    ds.PixelData = arr.tobytes()
+    ds.PixelData = pixel_data if pixel_data is not None else arr.tobytes()
+    if pixel_data is not None:
+        ds["PixelData"].VR = "OB"
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

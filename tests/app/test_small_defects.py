@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.config import MIN_PRODUCTION_SECRET_LENGTH, InsecureSettingsError, Settings
+from tests.app.conftest import dicom_bytes
 from tests.app.conftest_predict import post_predict, synthetic_xray
 from training.imaging import decode_image
 
@@ -37,34 +38,9 @@ def as_png(pixels: np.ndarray) -> bytes:
 
 def as_dicom(pixels: np.ndarray, *, transfer_syntax=None, pixel_data: bytes | None = None) -> bytes:
     """An uncompressed MONOCHROME2 DICOM of ``pixels`` (or ``pixel_data`` as given)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    bits = 8 if pixels.dtype == np.uint8 else 16
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = bits
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixel_data if pixel_data is not None else pixels.tobytes()
-    if pixel_data is not None:
-        ds["PixelData"].VR = "OB"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_bytes(
+        pixels=pixels, patient_name=None, transfer_syntax=transfer_syntax, pixel_data=pixel_data
+    )
 
 
 # -- same pixels, same answer ------------------------------------------------------------------
