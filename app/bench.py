@@ -33,7 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -80,7 +81,8 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -268,24 +270,85 @@ def _rss_mb(pid: int) -> float | None:
     return None
 
 
-def _wait_ready(base_url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def service_env(data_dir: Path, secret: str, **extra: str) -> dict[str, str]:
+    """The environment of a benchmarked service process: its own data directory and embedded
+    database, in-process jobs, CPU, quiet logs; ``extra`` (e.g. ``CXR_DATABASE_URL``) on top."""
+    env = {
+        **os.environ,
+        "CXR_DATA_DIR": str(data_dir),
+        "CXR_SECRET_KEY": secret,
+        "CXR_DEVICE": "cpu",
+        "CXR_LOG_LEVEL": "WARNING",
+        "CXR_ENVIRONMENT": "development",
+    }
+    env.pop("CXR_DATABASE_URL", None)
+    env.pop("CXR_BROKER_URL", None)
+    env.update(extra)
+    return env
+
+
+@dataclass(frozen=True)
+class ServiceProcess:
+    """A running `uvicorn app.main:create_app` subprocess (see :func:`running_service`)."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _wait_ready(service: ServiceProcess, ready_path: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if service.proc.poll() is not None:
             raise RuntimeError(
-                f"the service exited with {proc.returncode} before it was ready; its log:\n"
-                + log_path.read_text(errors="replace")[-4000:]
+                f"the service exited with {service.proc.returncode} before it was ready; its "
+                "log:\n" + service.log_tail(4000)
             )
         try:
-            response = httpx.get(f"{base_url}/ready", timeout=10.0)
+            response = httpx.get(f"{service.url}{ready_path}", timeout=10.0)
             if response.status_code == 200:
                 return
             last = response.text
         except httpx.HTTPError as exc:
             last = str(exc)
         time.sleep(0.25)
-    raise RuntimeError(f"the service was not ready after {READY_TIMEOUT_S:.0f} s: {last}")
+    raise RuntimeError(f"the service was not ready after {timeout_s:.0f} s: {last}")
+
+
+@contextmanager
+def running_service(
+    env: dict[str, str],
+    log_path: Path,
+    *,
+    ready_path: str = "/ready",
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    stop_timeout_s: float = 30.0,
+) -> Iterator[ServiceProcess]:
+    """`uvicorn app.main:create_app` in a subprocess on a free loopback port, its output in
+    ``log_path``; yields once ``ready_path`` answers 200 and stops the process on exit (the
+    one server start every service benchmark shares)."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+        "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        service = ServiceProcess(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)
+        try:
+            _wait_ready(service, ready_path, ready_timeout_s)
+            yield service
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def run_predict_bench(
@@ -316,42 +379,15 @@ def run_predict_bench(
         query = _synthetic_image("disc", seed=424242)
         bare = _BareTimer(settings, query, inference_workers=inference_workers)
 
-        port = _free_port()
-        base_url = f"http://127.0.0.1:{port}"
-        env = {
-            **os.environ,
-            "CXR_DATA_DIR": str(data_dir),
-            "CXR_SECRET_KEY": secret,
-            "CXR_DEVICE": "cpu",
-            "CXR_LOG_LEVEL": "WARNING",
-            "CXR_ENVIRONMENT": "development",
-            "CXR_ONNX": onnx,
-        }
-        env.pop("CXR_DATABASE_URL", None)
-        env.pop("CXR_BROKER_URL", None)
+        extra = {"CXR_ONNX": onnx}
         if inference_workers:
-            env["CXR_INFERENCE_WORKERS"] = str(inference_workers)
-        log_path = tmp_path / "server.log"
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ]
+            extra["CXR_INFERENCE_WORKERS"] = str(inference_workers)
+        env = service_env(data_dir, secret, **extra)
         rows: list[BenchRow] = []
         warmup_5xx = 0
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        with running_service(env, tmp_path / "server.log") as server:
+            base_url, proc = server.url, server.proc
             try:
-                _wait_ready(base_url, proc, log_path)
                 for n in clients:
                     bare_ms = bare.p50(False, bare_iterations)
                     bare_explain_ms = bare.p50(True, max(5, bare_iterations // 2))
@@ -398,15 +434,7 @@ def run_predict_bench(
             finally:
                 bare.close()
                 if warmup_5xx or any(r.status_5xx for r in rows) or proc.poll() is not None:
-                    logger.warning(
-                        "server log tail:\n%s", log_path.read_text(errors="replace")[-6000:]
-                    )
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                    logger.warning("server log tail:\n%s", server.log_tail())
     return rows
 
 

@@ -27,7 +27,6 @@ import logging
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,13 @@ import httpx
 import numpy as np
 import typer
 
-from app.bench import BENCH_CLASSES, DEFAULT_CHECKPOINT, _free_port, _synthetic_image
+from app.bench import (
+    BENCH_CLASSES,
+    DEFAULT_CHECKPOINT,
+    _synthetic_image,
+    running_service,
+    service_env,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -131,20 +136,6 @@ def seed_references(settings: Any, count: int, *, seed: int = 0) -> str:
         engine.dispose()
 
 
-def _wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited early:\n{log_path.read_text()[-4000:]}")
-        try:
-            if client.get("/ready").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the service was not ready after {READY_TIMEOUT_S:.0f} s")
-
-
 def _timed(call: Any) -> tuple[float, int]:
     t0 = time.perf_counter()
     response = call()
@@ -230,40 +221,17 @@ def run_enroll_bench(
                 )
             factory.kw["bind"].dispose()
             seed_references(settings, count)
-            env = {
-                **os.environ,
-                "CXR_DATA_DIR": str(settings.data_dir),
-                "CXR_SECRET_KEY": secret,
-                "CXR_DEVICE": "cpu",
-                "CXR_LOG_LEVEL": "WARNING",
-                "CXR_ENVIRONMENT": "development",
-            }
-            env.pop("CXR_DATABASE_URL", None)
-            env.pop("CXR_BROKER_URL", None)
-            port = _free_port()
-            log_path = tmp_path / "server.log"
-            command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]
-            command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+            env = service_env(settings.data_dir, secret)
             headers = {"X-API-Key": clinician}
-            with (
-                open(log_path, "wb") as log_file,
-                httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client,
-            ):
-                started = time.monotonic()
-                proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-                try:
-                    _wait_ready(client, proc, log_path)
-                    start_s = time.monotonic() - started
+            started = time.monotonic()
+            with running_service(
+                env, tmp_path / "server.log", ready_timeout_s=READY_TIMEOUT_S
+            ) as server:
+                start_s = time.monotonic() - started
+                with httpx.Client(base_url=server.url, timeout=600) as client:
                     enroll_ms, first_ms, normal_ms, errors = _measure(
                         client, headers, rounds=rounds, predicts=predicts
                     )
-                finally:
-                    proc.terminate()
-                    try:
-                        proc.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
             first, normal = statistics.median(first_ms), statistics.median(normal_ms)
             row = EnrollRow(
                 references=count,

@@ -31,10 +31,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -218,12 +215,6 @@ def corpus(*, small: bool = False, inflate_mb: int = 400) -> list[Item]:
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _proc_kb(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -268,57 +259,6 @@ def _prepare(data_dir: Path, env: dict[str, str]) -> dict[str, str]:
     return keys
 
 
-class Server:
-    """``uvicorn app.main:create_app`` in a subprocess on a free port."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app.main:create_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"server exited: {err[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError("server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def _synthetic_png(seed: int, size: int = 256) -> bytes:
     from PIL import Image
 
@@ -340,26 +280,24 @@ def run(
     """Measure; returns ``{"rows": [...], "summary": {...}}``."""
     import httpx
 
+    from app.bench import running_service, service_env
+
     items = corpus(small=small, inflate_mb=inflate_mb)
     if small:
         decode_mb = 64.0
     with tempfile.TemporaryDirectory(prefix="cxr-bomb-") as tmp:
         data_dir = Path(tmp) / "var"
-        env = {
-            **os.environ,
-            "CXR_DATA_DIR": str(data_dir),
-            "CXR_SECRET_KEY": "bomb-bench-secret-" + "x" * 20,
-            "CXR_DEVICE": "cpu",
-            "CXR_INFERENCE_WORKERS": str(slots),
-            "CXR_MAX_DECODE_MB": str(decode_mb),
-            "CXR_LOG_LEVEL": "WARNING",
-            "OMP_NUM_THREADS": "1",
-        }
-        env.pop("CXR_DATABASE_URL", None)
+        env = service_env(
+            data_dir,
+            "bomb-bench-secret-" + "x" * 20,
+            CXR_INFERENCE_WORKERS=str(slots),
+            CXR_MAX_DECODE_MB=str(decode_mb),
+            OMP_NUM_THREADS="1",
+        )
         keys = _prepare(data_dir, env)
-        server = Server(env)
-        try:
-            server.wait_ready()
+        with running_service(
+            env, Path(tmp) / "server.log", ready_path="/health", stop_timeout_s=20.0
+        ) as server:
             pid = server.proc.pid
             client = httpx.Client(base_url=server.url, timeout=600.0)
             reader = {"X-API-Key": keys["reader"]}
@@ -424,8 +362,6 @@ def run(
                 t.join()
             burst_s = time.perf_counter() - started
             peak_kb = _proc_kb(pid, "VmHWM")
-        finally:
-            server.stop()
     base_mb = base_kb / 1024
     peak_mb = peak_kb / 1024
     bound_mb = base_mb + slots * decode_mb * 2

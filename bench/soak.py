@@ -28,10 +28,8 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import random
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from app.bench import BENCH_CLASSES, _free_port, _fresh_checkpoint, _synthetic_image  # noqa: E402
+from app.bench import (  # noqa: E402
+    BENCH_CLASSES,
+    _fresh_checkpoint,
+    _synthetic_image,
+    running_service,
+    service_env,
+)
 
 logger = logging.getLogger("bench.soak")
 
@@ -312,59 +316,28 @@ def run_soak(
                 _fresh_checkpoint(tmp_path / "b.pt", image_size=96),
             ]
         keys, versions = _prepare(settings, checkpoints)
-        env = {
-            **os.environ,
-            "CXR_DATA_DIR": str(settings.data_dir),
-            "CXR_SECRET_KEY": secret,
-            "CXR_DEVICE": "cpu",
-            "CXR_LOG_LEVEL": "WARNING",
-            "CXR_ENVIRONMENT": "development",
-        }
-        env.pop("CXR_BROKER_URL", None)
-        env.pop("CXR_DATABASE_URL", None)
-        if database_url:
-            env["CXR_DATABASE_URL"] = database_url
-        port = _free_port()
+        env = service_env(
+            settings.data_dir,
+            secret,
+            **({"CXR_DATABASE_URL": database_url} if database_url else {}),
+        )
         log_path = tmp_path / "server.log"
-        command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]
-        command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
-        command += ["--log-level", "warning"]
-        base_url = f"http://127.0.0.1:{port}"
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-            try:
-                deadline = time.monotonic() + READY_TIMEOUT_S
-                while True:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"server exited:\n{log_path.read_text()[-4000:]}")
-                    try:
-                        if httpx.get(f"{base_url}/ready", timeout=5).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("server not ready")
-                    time.sleep(0.3)
-                stats, samples, rss_start = asyncio.run(
-                    _drive(
-                        base_url,
-                        keys,
-                        versions,
-                        clients=clients,
-                        seconds=seconds,
-                        pid=proc.pid,
-                        warmup=min(30.0, seconds / 10),
-                    )
+        with running_service(
+            env, log_path, ready_timeout_s=READY_TIMEOUT_S, stop_timeout_s=60.0
+        ) as server:
+            stats, samples, rss_start = asyncio.run(
+                _drive(
+                    server.url,
+                    keys,
+                    versions,
+                    clients=clients,
+                    seconds=seconds,
+                    pid=server.proc.pid,
+                    warmup=min(30.0, seconds / 10),
                 )
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if any(k.split(":")[-1].startswith("5") for k in stats):
-                logger.warning("server log tail:\n%s", log_path.read_text()[-6000:])
+            )
+        if any(k.split(":")[-1].startswith("5") for k in stats):
+            logger.warning("server log tail:\n%s", log_path.read_text()[-6000:])
         without_file, without_row = orphans(settings)
         statuses = {k: v for k, v in sorted(stats.items()) if ":" in k}
         return SoakReport(
