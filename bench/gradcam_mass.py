@@ -54,7 +54,8 @@ def mass_shares(heat_on_film: np.ndarray) -> tuple[float, float]:
 def run(checkpoint: Path, data: Sequence[Path], *, per_source: int, seed: int) -> dict[str, Any]:
     import torch
 
-    from app.gradcam import gradcam_heatmap, heat_on_film
+    from app.gradcam import gradcam_heatmap
+    from app.overlay import heat_on_film
     from training.checkpoint import load_checkpoint
     from training.data import load_sources, split_samples
     from training.evaluate import embed_samples

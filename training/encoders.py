@@ -4,8 +4,10 @@ Every encoder maps a batch of single-channel images ``(B, 1, S, S)`` to L2-norma
 ``(B, embedding_dim)``. Unit norm matters: the whole system measures Euclidean distance between
 unit vectors (``d = sqrt(2 - 2 a.b)``), so distances are comparable across models and bounded.
 
-Each encoder is ``backbone -> global average pool -> projection head -> L2 normalise`` and exposes
-``.target_layer``, the last convolutional block, which Grad-CAM hooks to explain a prediction.
+Each encoder is ``backbone -> global average pool -> projection head -> L2 normalise``, split as
+``forward_features`` (the last feature map) and ``embed_features`` (everything after it): Grad-CAM
+explains a prediction at that feature map (`app.gradcam`), back-propagating through
+``embed_features`` only.
 
 Nothing is ever downloaded: torchvision backbones are built with ``weights=None``. Pretrained
 weights come from a file the user supplies (``weights=PATH``); 3-channel (RGB) first-conv weights
@@ -45,15 +47,15 @@ class EncoderWeightsError(ValueError):
 class Encoder(nn.Module):
     """Backbone + pooling + projection head + L2 normalisation.
 
-    ``backbone`` returns a feature map ``(B, C, h, w)``; ``feature_dim`` is ``C``.
-    ``target_layer`` is the module whose output Grad-CAM uses (the last conv block).
+    ``backbone`` returns a feature map ``(B, C, h, w)``; ``feature_dim`` is ``C``. The split
+    ``forward = embed_features(forward_features(x))`` is what lets serving compute the feature
+    map once (in ONNX Runtime) and still explain it with autograd through the small head.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
         feature_dim: int,
-        target_layer: nn.Module,
         *,
         embedding_dim: int = 128,
         dropout: float = 0.0,
@@ -64,19 +66,20 @@ class Encoder(nn.Module):
         self.embedding_dim = embedding_dim
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(feature_dim, embedding_dim)
-        # target_layer is part of backbone; keep it out of the module tree (no duplicate params).
-        object.__setattr__(self, "target_layer", target_layer)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's last feature map ``(B, C, h, w)``."""
+        """The backbone's last feature map ``(B, C, h, w)`` (what Grad-CAM explains)."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.forward_features(x)
+    def embed_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised embedding of a feature map: pool, project, normalise."""
         pooled = torch.flatten(F.adaptive_avg_pool2d(feats, 1), 1)
         emb = self.head(self.dropout(pooled))
         # Normalise in float32: under bf16 autocast the norm of a 128-d vector loses precision.
         return F.normalize(emb.float(), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed_features(self.forward_features(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,6 +115,7 @@ def _resnet9(
     32 px of CIFAR), and the strided stem keeps CPU training affordable at 112-128 px.
     """
     w = width
+    # Built first, as it always was: a seed gives the same initial weights as before.
     layer3 = nn.Sequential(_conv_bn(4 * w, 8 * w, pool=True), _Residual(8 * w))
     backbone = nn.Sequential(
         _conv_bn(1, w, stride=stem_stride),
@@ -119,7 +123,7 @@ def _resnet9(
         _conv_bn(2 * w, 4 * w, pool=True),
         layer3,
     )
-    return Encoder(backbone, 8 * w, layer3, embedding_dim=embedding_dim, dropout=dropout)
+    return Encoder(backbone, 8 * w, embedding_dim=embedding_dim, dropout=dropout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +209,7 @@ def _covidnet(
         stages.append(_CovidNetStage(c_in, c_out, depth, stride=1 if i == 0 else 2))
         c_in = c_out
     backbone = nn.Sequential(stem, *stages)
-    return Encoder(backbone, widths[-1], stages[-1], embedding_dim=embedding_dim, dropout=dropout)
+    return Encoder(backbone, widths[-1], embedding_dim=embedding_dim, dropout=dropout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,16 +237,14 @@ def _sepconv(
         nn.ReLU(inplace=True),
     ]
     c_in = widths[0]
-    last: nn.Module = layers[-1]
     for i, c_out in enumerate(widths):
         stage = nn.Sequential(_sep_block(c_in, c_out), _sep_block(c_out, c_out))
         layers.append(stage)
-        last = stage
         if i < len(widths) - 1:
             layers.append(nn.MaxPool2d(2))
         c_in = c_out
     backbone = nn.Sequential(*layers)
-    return Encoder(backbone, widths[-1], last, embedding_dim=embedding_dim, dropout=dropout)
+    return Encoder(backbone, widths[-1], embedding_dim=embedding_dim, dropout=dropout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,9 +286,7 @@ def _tv_resnet(arch: str, *, embedding_dim: int = 128, dropout: float = 0.0) -> 
     net.conv1 = _grey_conv(net.conv1)
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()
-    return _TorchvisionResNet(
-        net, feature_dim, net.layer4, embedding_dim=embedding_dim, dropout=dropout
-    )
+    return _TorchvisionResNet(net, feature_dim, embedding_dim=embedding_dim, dropout=dropout)
 
 
 def _tv_densenet121(*, embedding_dim: int = 128, dropout: float = 0.0) -> Encoder:
@@ -296,9 +296,7 @@ def _tv_densenet121(*, embedding_dim: int = 128, dropout: float = 0.0) -> Encode
     net.features.conv0 = _grey_conv(net.features.conv0)
     feature_dim = net.classifier.in_features
     net.classifier = nn.Identity()
-    return _TorchvisionDenseNet(
-        net, feature_dim, net.features.denseblock4, embedding_dim=embedding_dim, dropout=dropout
-    )
+    return _TorchvisionDenseNet(net, feature_dim, embedding_dim=embedding_dim, dropout=dropout)
 
 
 _REGISTRY: dict[str, Callable[..., Encoder]] = {

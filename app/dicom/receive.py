@@ -33,7 +33,6 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.models import DicomInstance, utcnow
 from app.dicom.outbox import configured_destination, enqueue
-from app.dicom.sr import build_overlay, build_sr, to_bytes
 from app.schemas_predict import PredictionPublic
 from app.services.predict import PredictionUnavailableError, predict
 from app.serving.state import ServiceState
@@ -240,6 +239,10 @@ def receive_instance(
         destination = configured_destination(settings)
         results = []
         if destination is not None:
+            # Imported here: highdicom costs ~100 MB of RSS and ~1 s at import (measured,
+            # docs/BENCHMARKS.md); an API process that never sends results does not pay it.
+            from app.dicom.sr import build_overlay, build_sr, to_bytes
+
             sr = build_sr(answer, source=ds)
             results.append(("sr", str(sr.SOPInstanceUID), to_bytes(sr)))
             overlay = build_overlay(answer, source=ds)

@@ -29,7 +29,6 @@ from app.deps import AdminKey, MetricsDep, OutboxDep, ReaderKey, ServiceDep, Set
 from app.dicom.outbox import OutboxWorker, configured_destination, list_deliveries
 from app.dicom.receive import Outcome, Received, receive_instance
 from app.dicom.schemas import DeliveriesPublic, DeliveryPublic, DeliveryStatus
-from app.dicom.sr import build_sr, to_bytes
 from app.schemas import ErrorPublic
 from app.schemas_predict import PredictionPublic
 
@@ -211,6 +210,10 @@ def prediction_sr(prediction_id: str, session: SessionDep, _key: ReaderKey) -> R
         raise HTTPException(
             404, f"No prediction {prediction_id!r}; use the 'id' of a /predict answer."
         )
+    # Imported here: highdicom costs every API process ~100 MB of RSS and ~1 s at start-up
+    # (measured, docs/BENCHMARKS.md); only processes that build an SR should pay it.
+    from app.dicom.sr import build_sr, to_bytes
+
     sr = build_sr(_answer_of(row))
     return Response(
         to_bytes(sr),

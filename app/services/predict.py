@@ -32,7 +32,8 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import Prediction, new_id, utcnow
 from app.files import atomic_write_bytes
-from app.gradcam import overlay_png
+from app.gradcam import heatmap_from_features
+from app.overlay import overlay_png
 from app.schemas_predict import GradcamPublic, NeighborPublic, PredictionPublic
 from app.services.uploads import decode_upload
 from app.serving.bundle import ModelBundle
@@ -70,10 +71,10 @@ class PredictionUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class PreparedQuery:
-    """A decoded upload and its model input, computed once and shared by search and Grad-CAM."""
+    """A decoded upload and its model input, computed once and shared by search and overlay."""
 
     image: np.ndarray  # (H, W) float32 in [0, 1]: the overlay is drawn on it
-    tensor: torch.Tensor  # (1, 1, S, S), a normal (non-inference) tensor
+    tensor: torch.Tensor  # (1, 1, S, S) model input
 
 
 def require_bundle(service: ServiceState, session: Session) -> ModelBundle:
@@ -117,7 +118,6 @@ def prepare_query(
             "The image could not be decoded (it may be truncated or damaged); export it again "
             "as PNG, JPEG or DICOM."
         ) from exc
-    # Built outside inference_mode so Grad-CAM can reuse it with autograd.
     tensor = preprocess(image, bundle.preprocessing).unsqueeze(0)
     return PreparedQuery(image=image, tensor=tensor)
 
@@ -136,19 +136,21 @@ def answer_query(
 def explain_query(
     query: PreparedQuery, bundle: ModelBundle, *, k: int, method: str
 ) -> tuple[IndexResult, str | None]:
-    """Answer and explain with ONE forward pass (on a gradient-ready copy of the encoder):
-    the Grad-CAM target searches the index with the embedding it receives, then scores the
-    similarity to the predicted class's mean. Returns (result, base64 PNG overlay or None)."""
+    """Answer and explain with ONE forward pass: the embedding and the last feature map come
+    from the same call (ONNX Runtime on CPU), the index answers, and Grad-CAM back-propagates
+    the similarity to the predicted class's mean through the encoder's head only. Returns
+    (result, base64 PNG overlay, or None when the class has no mean to explain against)."""
     index = bundle.index
     if index is None:
         raise PredictionUnavailableError(NO_REFERENCES_REASON)
-    _embedding, result, heat = bundle.model.explainer.search_and_explain(
-        query.tensor,
-        lambda emb: index.search(emb, k=k, method=method)[0],
-        lambda res: bundle.class_means.get(res.label),
-    )
-    if result.label not in bundle.class_means:
+    embedding, features = bundle.model.forward_with_features(query.tensor.numpy())
+    result = index.search(embedding, k=k, method=method)[0]
+    class_mean = bundle.class_means.get(result.label)
+    if class_mean is None:
         return result, None
+    heat = heatmap_from_features(
+        bundle.encoder, features, class_mean, size=int(query.tensor.shape[-1])
+    )
     png = overlay_png(query.image, heat, crop=bundle.preprocessing.crop)
     return result, base64.b64encode(png).decode("ascii")
 

@@ -18,7 +18,6 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from app.gradcam import Explainer
 from app.serving.batcher import MicroBatcher
 from app.serving.onnx_runtime import OnnxEncoder
 from index.reference_index import ReferenceIndex
@@ -40,7 +39,6 @@ class LoadedModel:
     embedding_dim: int
     encoder_name: str
     trained_classes: tuple[str, ...]
-    explainer: Explainer
     #: The plain forward in ONNX Runtime (CPU, `CXR_ONNX=auto`); None: the torch encoder.
     onnx: OnnxEncoder | None = None
     #: Concurrent forwards batched into one (`CXR_PREDICT_BATCH_MAX` > 1); None: direct calls.
@@ -58,6 +56,18 @@ class LoadedModel:
         if self.onnx is not None:
             return self.onnx(batch)
         return embed_tensors(self.encoder, torch.from_numpy(batch), device=self.device)
+
+    def forward_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """Embeddings ``(B, dim)`` and the last feature maps ``(B, C, h, w)`` (what Grad-CAM
+        explains) from one forward: ONNX Runtime when loaded, else the torch encoder (never
+        batched with other requests: the feature map is this request's own)."""
+        if self.onnx is not None:
+            embeddings, features = self.onnx.with_features(batch)
+            return embeddings, torch.from_numpy(features)
+        with torch.inference_mode():
+            feats = self.encoder.forward_features(torch.from_numpy(batch).to(self.device))
+            embeddings = self.encoder.embed_features(feats).float().cpu().numpy()
+        return np.ascontiguousarray(embeddings, dtype=np.float32), feats
 
 
 @dataclass(frozen=True, eq=False)

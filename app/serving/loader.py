@@ -1,6 +1,6 @@
 """Loading the active model for serving: the checkpoint file checked against its registered
-sha256, loaded onto the serving device, frozen, with its Grad-CAM explainer pool, its ONNX
-Runtime session for the plain CPU forward (`CXR_ONNX`) and its micro-batcher when configured."""
+sha256, loaded onto the serving device, frozen, with its ONNX Runtime session for the CPU forward
+(`CXR_ONNX`) and its micro-batcher when configured."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from app.config import Settings
 from app.db import Model
 from app.files import file_sha256, resolve_data_path
-from app.gradcam import Explainer
 from app.serving.batcher import MicroBatcher
 from app.serving.bundle import LoadedModel
 from app.serving.onnx_runtime import load_onnx_encoder
@@ -24,13 +23,8 @@ class ModelFileError(RuntimeError):
     """The active model's checkpoint file is missing, altered or unreadable."""
 
 
-def load_model(
-    row: Model, *, settings: Settings, device: torch.device, inference_workers: int
-) -> LoadedModel:
-    """The model of registry row `row`, ready to serve; `ModelFileError` says what to restore.
-
-    `inference_workers` sizes the Grad-CAM copy pool (one per concurrent explanation).
-    """
+def load_model(row: Model, *, settings: Settings, device: torch.device) -> LoadedModel:
+    """The model of registry row `row`, ready to serve; `ModelFileError` says what to restore."""
     path = resolve_data_path(row.file_path, settings)
     if not path.is_file():
         raise ModelFileError(
@@ -56,7 +50,6 @@ def load_model(
         embedding_dim=int(loaded.embedding_dim),
         encoder_name=str(loaded.encoder_name),
         trained_classes=tuple(loaded.classes or ()),
-        explainer=Explainer(encoder, size=inference_workers),
         onnx=load_onnx_encoder(
             encoder,
             sha256=digest,

@@ -383,12 +383,7 @@ class ServiceState:
             if previous is not None and previous.model.version == row.version:
                 model = previous.model
             else:
-                model = load_model(
-                    row,
-                    settings=self.settings,
-                    device=self.device,
-                    inference_workers=self.inference_workers,
-                )
+                model = load_model(row, settings=self.settings, device=self.device)
             refs = session.execute(
                 select(Reference.id, Reference.label, Reference.image_path).order_by(
                     Reference.created_at, Reference.id

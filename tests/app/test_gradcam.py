@@ -1,28 +1,21 @@
-"""Grad-CAM of a siamese answer: correct target, hooks removed, served model untouched,
-safe alongside concurrent inference-mode predictions."""
+"""Grad-CAM of a siamese answer: the textbook map (pytorch_grad_cam's) from the feature map,
+the same from ONNX Runtime's feature map as from torch's, the served model untouched, safe
+alongside concurrent inference-mode predictions."""
 
 from __future__ import annotations
 
-import base64
 import copy
-import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from pytorch_grad_cam import GradCAM
 from torch import nn
 
-from app.gradcam import (
-    EmbeddingSimilarityTarget,
-    Explainer,
-    gradcam_heatmap,
-    overlay_png,
-    overlay_size,
-)
+from app.gradcam import EmbeddingSimilarityTarget, gradcam_heatmap, heatmap_from_features
+from app.serving.onnx_runtime import load_onnx_encoder
 from training.checkpoint import load_checkpoint
 
 
@@ -49,42 +42,62 @@ def _inputs(n: int = 4, size: int = 64) -> torch.Tensor:
     return torch.randn(n, 1, 1, size, size, generator=gen)
 
 
-def test_heatmap_matches_plain_gradcam_and_leaves_no_hooks(encoder: nn.Module) -> None:
-    x = _inputs(1)[0]
-    with torch.inference_mode():
-        before = encoder(x).clone()
-    mean = np.random.default_rng(0).normal(size=before.shape[1]).astype(np.float32)
-    work = copy.deepcopy(encoder)
-    heat = gradcam_heatmap(work, x, mean)
-    assert heat.shape == (64, 64) and heat.dtype == np.float32
-    assert heat.min() >= 0.0 and heat.max() <= 1.0
-    assert _hook_count(work) == 0, "Grad-CAM hooks must be removed after the call"
-    assert all(p.grad is None for p in work.parameters())
-
-    # Reference: textbook Grad-CAM with full backward through trainable parameters.
-    reference_model = copy.deepcopy(encoder)
-    for p in reference_model.parameters():
+def _reference_gradcam(encoder: nn.Module, x: torch.Tensor, mean: np.ndarray) -> np.ndarray:
+    """pytorch_grad_cam's GradCAM on a trainable copy, hooked on the module whose output is the
+    encoder's last feature map (the backbone's last block), full backward."""
+    model = copy.deepcopy(encoder)
+    for p in model.parameters():
         p.requires_grad_(True)
-    with GradCAM(model=reference_model, target_layers=[reference_model.target_layer]) as cam:
-        reference = cam(input_tensor=x.clone(), targets=[EmbeddingSimilarityTarget(mean)])[0]
-    np.testing.assert_allclose(heat, reference, atol=1e-5)
+    last_block = model.backbone[-1]
+    with torch.no_grad():
+        torch.testing.assert_close(last_block_output(model, x), model.forward_features(x))
+    with GradCAM(model=model, target_layers=[last_block]) as cam:
+        return cam(input_tensor=x.clone(), targets=[EmbeddingSimilarityTarget(mean)])[0]
 
+
+def last_block_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out: list[torch.Tensor] = []
+    handle = model.backbone[-1].register_forward_hook(lambda _m, _i, o: out.append(o))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return out[0]
+
+
+def test_heatmap_matches_pytorch_grad_cam(encoder: nn.Module) -> None:
+    x, other = _inputs(2)
     with torch.inference_mode():
-        after = work(x)
-    torch.testing.assert_close(after, before)
+        mean = encoder(other)[0].numpy()  # another image's class: a non-empty map
+    heat = gradcam_heatmap(encoder, x, mean)
+    assert heat.shape == (64, 64) and heat.dtype == np.float32
+    assert heat.min() >= 0.0 and heat.max() <= 1.0 and heat.max() > 0.5
+    np.testing.assert_allclose(heat, _reference_gradcam(encoder, x, mean), atol=1e-4)
 
 
-def test_explainer_never_touches_the_served_model(encoder: nn.Module) -> None:
+def test_map_from_onnx_runtime_features_equals_torch(encoder: nn.Module, tmp_path: Path) -> None:
+    """The served path: the feature map comes out of the ORT call that gives the embedding."""
+    ort = load_onnx_encoder(encoder, sha256="gc", image_size=64, models_dir=tmp_path, threads=1)
+    assert ort is not None
+    x, other = _inputs(2)
+    embedding, features = ort.with_features(x.numpy())
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.from_numpy(embedding), encoder(x), atol=1e-5, rtol=0)
+        mean = encoder(other)[0].numpy()
+    served = heatmap_from_features(encoder, features, mean, size=64)
+    assert served.max() > 0.5
+    np.testing.assert_allclose(served, gradcam_heatmap(encoder, x, mean), atol=1e-4)
+    np.testing.assert_allclose(served, _reference_gradcam(encoder, x, mean), atol=1e-4)
+
+
+def test_explaining_never_touches_the_served_model(encoder: nn.Module) -> None:
     x = _inputs(1)[0]
     state = {k: v.clone() for k, v in encoder.state_dict().items()}
     with torch.inference_mode():
         before = encoder(x).clone()
-    explainer = Explainer(encoder, size=1)
-    mean = before[0].numpy()
-    png = explainer.explain_png(x, mean, np.random.default_rng(1).random((90, 60), np.float32))
-    image = Image.open(io.BytesIO(base64.b64decode(png)))
-    assert image.format == "PNG" and image.size == (60, 90)
+    gradcam_heatmap(encoder, x, before[0].numpy())
     assert _hook_count(encoder) == 0
+    assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
     for key, value in encoder.state_dict().items():
         torch.testing.assert_close(value, state[key])
     with torch.inference_mode():
@@ -94,31 +107,30 @@ def test_explainer_never_touches_the_served_model(encoder: nn.Module) -> None:
 def test_target_is_similarity_to_the_class_mean(encoder: nn.Module) -> None:
     """Explaining the class the image resembles most highlights where it differs from the
     opposite direction: the two maps for mean and -mean are not the same."""
-    x = _inputs(1)[0]
+    x, other = _inputs(2)
     with torch.inference_mode():
-        emb = encoder(x)[0].numpy()
+        emb = encoder(other)[0].numpy()
     target = EmbeddingSimilarityTarget(emb * 3.0)  # normalised internally
     assert float(target(torch.from_numpy(emb))) == pytest.approx(1.0, abs=1e-5)
-    explainer = Explainer(encoder, size=1)
-    plus = explainer.heatmap(x, emb)
-    minus = explainer.heatmap(x, -emb)
+    plus = gradcam_heatmap(encoder, x, emb)
+    minus = gradcam_heatmap(encoder, x, -emb)
     assert not np.allclose(plus, minus)
 
 
 def test_concurrent_explain_and_predict_are_safe(encoder: nn.Module) -> None:
+    """Many threads explain with the ONE served encoder while others predict with it."""
     xs = _inputs(4)
     with torch.inference_mode():
         expected = [encoder(x).clone() for x in xs]
-    explainer = Explainer(encoder, size=2)
-    means = [e[0].numpy() for e in expected]
-    serial = [explainer.heatmap(x, m) for x, m in zip(xs, means, strict=True)]
+    means = [expected[(i + 1) % 4][0].numpy() for i in range(4)]
+    serial = [gradcam_heatmap(encoder, x, m) for x, m in zip(xs, means, strict=True)]
 
     def predict(i: int) -> torch.Tensor:
         with torch.inference_mode():
             return encoder(xs[i % 4])
 
     def explain(i: int) -> np.ndarray:
-        return explainer.heatmap(xs[i % 4], means[i % 4])
+        return gradcam_heatmap(encoder, xs[i % 4], means[i % 4])
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         preds = [pool.submit(predict, i) for i in range(24)]
@@ -128,30 +140,3 @@ def test_concurrent_explain_and_predict_are_safe(encoder: nn.Module) -> None:
         for i, fut in enumerate(maps):
             np.testing.assert_allclose(fut.result(), serial[i % 4], atol=1e-5)
     assert _hook_count(encoder) == 0
-
-
-@pytest.mark.parametrize(
-    ("size", "expected"),
-    [((100, 50), (100, 50)), ((2048, 1024), (512, 256)), ((300, 3000), (51, 512))],
-)
-def test_overlay_size_keeps_aspect(size: tuple[int, int], expected: tuple[int, int]) -> None:
-    assert overlay_size(*size) == expected
-    image = np.zeros((size[1], size[0]), np.float32)
-    png = overlay_png(image, np.ones((8, 8), np.float32))
-    assert Image.open(io.BytesIO(png)).size == expected
-
-
-def test_overlay_places_the_map_of_a_cropped_input_on_its_region() -> None:
-    """With a border crop the model saw the centre only: the map lands there, borders stay cold."""
-    image = np.full((100, 80), 0.5, np.float32)
-    hot = np.ones((16, 16), np.float32)
-    full = np.asarray(Image.open(io.BytesIO(overlay_png(image, hot))).convert("RGB"))
-    cropped = np.asarray(Image.open(io.BytesIO(overlay_png(image, hot, crop=0.25))).convert("RGB"))
-    cold = np.asarray(
-        Image.open(io.BytesIO(overlay_png(image, np.zeros((16, 16), np.float32)))).convert("RGB")
-    )
-    assert cropped.shape == full.shape == (100, 80, 3)
-    np.testing.assert_array_equal(cropped[50, 40], full[50, 40])  # centre: hot as without crop
-    np.testing.assert_array_equal(cropped[5, 5], cold[5, 5])  # cut border: cold
-    np.testing.assert_array_equal(cropped[95, 75], cold[95, 75])
-    assert not np.array_equal(full[5, 5], cold[5, 5])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.gradcam import heat_on_film
+from app.overlay import heat_on_film
 from bench.gradcam_mass import mass_shares, run
 from tests.training.synthetic import make_folder
 from training.checkpoint import save_checkpoint

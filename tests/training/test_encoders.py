@@ -39,13 +39,11 @@ def test_every_encoder_gives_unit_norm_embeddings(name: str) -> None:
     assert y.dtype == torch.float32
     torch.testing.assert_close(y.norm(dim=1), torch.ones(2))
     torch.testing.assert_close(y_cl, y, atol=1e-4, rtol=1e-4)
-    # Grad-CAM hooks the last conv block: it must be a module inside the backbone.
-    assert any(m is encoder.target_layer for m in encoder.backbone.modules())
-
-
-def test_target_layer_is_not_duplicated_in_state_dict() -> None:
-    encoder = create_encoder("resnet9_half")
-    assert not any(k.startswith("target_layer") for k in encoder.state_dict())
+    # Grad-CAM explains the last feature map: forward is exactly head(features).
+    with torch.no_grad():
+        feats = encoder.forward_features(x)
+        assert feats.ndim == 4 and feats.shape[:2] == (2, encoder.feature_dim)
+        torch.testing.assert_close(encoder.embed_features(feats), y)
 
 
 def test_unknown_encoder_lists_known_names() -> None:
