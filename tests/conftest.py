@@ -94,3 +94,14 @@ def cxr4() -> Path:
     if not (CXR4 / "manifest.csv").exists():
         pytest.skip(f"cxr4 data set not found at {CXR4}")
     return CXR4
+
+
+@pytest.fixture
+def restore_thread_policy() -> Iterator[None]:
+    """For tests that apply a thread policy (training/threads.py): the process gets the one it
+    had back afterwards, so the test's counts do not leak into later tests."""
+    from training.threads import apply_thread_policy, current_thread_policy
+
+    before = current_thread_policy()
+    yield
+    apply_thread_policy(before)

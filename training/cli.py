@@ -51,6 +51,15 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def _start_process(threads: int | None) -> None:
+    """This process's thread policy (training/threads.py), applied once before the command
+    works: ``--threads`` when given, else the idle cores (a DDP rank: its node's share). Here
+    and not in `train()`, so a library caller (the API's in-process retrain) keeps its own."""
+    from training.threads import ThreadPolicy, apply_thread_policy
+
+    apply_thread_policy(ThreadPolicy.training(threads))
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one message and exit status 2."""
@@ -168,7 +177,9 @@ def train_command(
     workers: int | None = typer.Option(
         None, help="DataLoader workers (default: 0 on CPU, up to 8 on CUDA)."
     ),
-    threads: int | None = typer.Option(None, help="torch CPU threads (default: idle cores)."),
+    threads: int | None = typer.Option(
+        None, help="CPU threads of each process (default: idle cores shared by them)."
+    ),
     progress_bar: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bar (default: when on a terminal)."
     ),
@@ -192,6 +203,7 @@ def train_command(
             except RuntimeError as exc:
                 raise ValueError(str(exc)) from None
         return  # rank 0 printed the results
+    _start_process(threads)
     with _user_errors():
         from training.train import train
 
@@ -267,6 +279,7 @@ def evaluate_command(
     """Evaluate a checkpoint as a deployment would answer: one index of the train splits of
     every --data source; queries = --split of each; reports pooled, per source and per class."""
     _setup_logging(verbose)
+    _start_process(None)
     with _user_errors():
         from training.checkpoint import load_checkpoint
         from training.evaluate import evaluate_checkpoint
@@ -313,6 +326,7 @@ def bench_train_command(
 ) -> None:  # fmt: skip
     """Train each ENCODER:LOSS combination on one split and compare them on the test split."""
     _setup_logging(verbose)
+    _start_process(threads)  # once: every combo runs with the same count
     with _user_errors():
         from training.bench import parse_combos, run_train_bench
 
@@ -366,6 +380,7 @@ def bench_adapt_command(
 ) -> None:  # fmt: skip
     """Replay a new hospital: zero-shot, after enrolling K per class, after the site adapter."""
     _setup_logging(verbose)
+    _start_process(threads)
     with _user_errors():
         from training.bench_adapt import run_adapt_bench
 
@@ -427,18 +442,15 @@ def bench_throughput_command(
 ) -> None:  # fmt: skip
     """Training images/s: real pipeline vs tensors already on the device (and vs no cache)."""
     _setup_logging(verbose)
+    _start_process(threads)
     with _user_errors():
         from training.devices import resolve_device
         from training.throughput import parse_models, run_throughput_bench
-        from training.train import default_threads
 
         parsed = parse_models(models)
         if not data.exists():
             raise FileNotFoundError(f"--data {data} does not exist")
         dev = resolve_device(device)
-        import torch
-
-        torch.set_num_threads(threads or default_threads())
         rows = run_throughput_bench(
             data=data, models=parsed, batch_size=batch_size, device=dev, steps=steps,
             warmup=warmup, limit=limit, cache_dir=cache_dir, compile_step=compile_step,
