@@ -7,6 +7,7 @@ without those services they skip with the reason, except under `CXR_REQUIRE_SERV
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -105,3 +106,15 @@ def restore_thread_policy() -> Iterator[None]:
     before = current_thread_policy()
     yield
     apply_thread_policy(before)
+
+
+@pytest.fixture(autouse=True)
+def drop_logging_handlers_on_closed_streams() -> Iterator[None]:
+    """A command invoked through typer's CliRunner may install a root logging handler on the
+    runner's stderr, which is closed when the invocation ends; a later test's first log line
+    would then print a "--- Logging error ---" traceback into that test's output."""
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(getattr(handler, "stream", None), "closed", False):
+            root.removeHandler(handler)

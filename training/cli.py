@@ -52,9 +52,10 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _start_process(threads: int | None) -> None:
-    """This process's thread policy (training/threads.py), applied once before the command
-    works: ``--threads`` when given, else the idle cores (a DDP rank: its node's share). Here
-    and not in `train()`, so a library caller (the API's in-process retrain) keeps its own."""
+    """This process's thread policy (training/threads.py), applied once when the command's
+    arguments are checked and before it works: ``--threads`` when given, else the idle cores (a
+    DDP rank: its node's share). Here and not in `train()`, so a library caller (the API's
+    in-process retrain) keeps its own."""
     from training.threads import ThreadPolicy, apply_thread_policy
 
     apply_thread_policy(ThreadPolicy.training(threads))
@@ -203,7 +204,6 @@ def train_command(
             except RuntimeError as exc:
                 raise ValueError(str(exc)) from None
         return  # rank 0 printed the results
-    _start_process(threads)
     with _user_errors():
         from training.train import train
 
@@ -222,6 +222,7 @@ def train_command(
             raise FileNotFoundError(f"--weights {weights} does not exist")
         from training.distributed import shutdown
 
+        _start_process(threads)
         try:
             result = train(config)
         finally:
@@ -279,7 +280,6 @@ def evaluate_command(
     """Evaluate a checkpoint as a deployment would answer: one index of the train splits of
     every --data source; queries = --split of each; reports pooled, per source and per class."""
     _setup_logging(verbose)
-    _start_process(None)
     with _user_errors():
         from training.checkpoint import load_checkpoint
         from training.evaluate import evaluate_checkpoint
@@ -288,6 +288,7 @@ def evaluate_command(
             raise ValueError(f"--split must be train, val or test, got {split!r}")
         _check_sources(data)
         loaded = load_checkpoint(checkpoint, map_location="cpu")
+        _start_process(None)
         report = evaluate_checkpoint(
             loaded, data, split=split, k=k, n_way=n_way, k_shot=k_shot, episodes=episodes,
             device=device, batch_size=batch_size, predictions=predictions,
@@ -326,7 +327,6 @@ def bench_train_command(
 ) -> None:  # fmt: skip
     """Train each ENCODER:LOSS combination on one split and compare them on the test split."""
     _setup_logging(verbose)
-    _start_process(threads)  # once: every combo runs with the same count
     with _user_errors():
         from training.bench import parse_combos, run_train_bench
 
@@ -342,6 +342,7 @@ def bench_train_command(
             f"COVID-19 recall {_fmt(row['covid_recall'])}, {row['minutes']:.1f} min",
             highlight=False,
         )
+        _start_process(threads)  # once: every combo runs with the same count
         rows = run_train_bench(
             base, parsed, runs_dir=runs_dir or out.with_suffix(""), out=out, on_row=show
         )
@@ -380,7 +381,6 @@ def bench_adapt_command(
 ) -> None:  # fmt: skip
     """Replay a new hospital: zero-shot, after enrolling K per class, after the site adapter."""
     _setup_logging(verbose)
-    _start_process(threads)
     with _user_errors():
         from training.bench_adapt import run_adapt_bench
 
@@ -388,6 +388,7 @@ def bench_adapt_command(
         k_values = [int(v) for v in ks.split(",") if v.strip()]
         if not k_values or min(k_values) < 1:
             raise ValueError(f"--k must list positive integers, got {ks!r}")
+        _start_process(threads)
         train_minutes = None
         if checkpoint is None:
             from training.train import train
@@ -442,7 +443,6 @@ def bench_throughput_command(
 ) -> None:  # fmt: skip
     """Training images/s: real pipeline vs tensors already on the device (and vs no cache)."""
     _setup_logging(verbose)
-    _start_process(threads)
     with _user_errors():
         from training.devices import resolve_device
         from training.throughput import parse_models, run_throughput_bench
@@ -451,6 +451,7 @@ def bench_throughput_command(
         if not data.exists():
             raise FileNotFoundError(f"--data {data} does not exist")
         dev = resolve_device(device)
+        _start_process(threads)
         rows = run_throughput_bench(
             data=data, models=parsed, batch_size=batch_size, device=dev, steps=steps,
             warmup=warmup, limit=limit, cache_dir=cache_dir, compile_step=compile_step,
