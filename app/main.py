@@ -6,9 +6,11 @@ run two against one database to check they see each other's writes).
 
 `cxr serve` runs `uvicorn app.main:create_app --factory`; each worker process builds its own app.
 
-Startup (lifespan): configure logging, bring the schema to head (idempotent, locked against
-concurrent starters), open the engine, then build the inference side's `ServiceState` and load
-the active model and index into it. The routes are the static list in `app/api.py`; they reach
+Startup (lifespan): configure logging, apply the process's serving thread policy
+(`training/threads.py`: cores // `CXR_INFERENCE_WORKERS` threads for torch, FAISS and ONNX
+Runtime), bring the schema to head (idempotent, locked against concurrent starters), open the
+engine, then build the inference side's `ServiceState` and load the active model and index
+into it. The routes are the static list in `app/api.py`; they reach
 what hangs off `app.state` through the typed dependencies of `app/deps.py`. Every error leaves
 as JSON `{"detail": "..."}`; bad input is never a 500.
 """
@@ -49,6 +51,7 @@ from training.imaging.errors import (
     ImageTooLargeError,
     UnsupportedImageError,
 )
+from training.threads import ThreadPolicy, apply_thread_policy
 
 logger = logging.getLogger(__name__)
 
@@ -389,6 +392,9 @@ def _warm_up(service: ServiceState) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     configure_logging(settings.log_level, json_logs=settings.log_json)
+    # The API process's start under uvicorn: its thread policy, before any request or job
+    # thread exists (they adopt it) and before the model's ONNX Runtime session is built.
+    apply_thread_policy(ThreadPolicy.serving(settings.effective_inference_workers))
     if settings.auto_migrate:
         upgrade_to_head(settings.database_url)
     engine = create_db_engine(settings.database_url)

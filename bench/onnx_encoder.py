@@ -40,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from training.checkpoint import load_checkpoint
+    from training.threads import ThreadPolicy, apply_thread_policy
 
-    torch.set_num_threads(args.threads)
+    # The script's process start: both sides of the ratio run with the policy's count.
+    policy = apply_thread_policy(
+        ThreadPolicy(kind="bench", threads=args.threads, reason="--threads")
+    )
     loaded = load_checkpoint(args.checkpoint, map_location="cpu")
     encoder = loaded.encoder.eval()
     size = loaded.preprocessing.image_size
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             dynamo=False,
         )
         options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
+        options.intra_op_num_threads = policy.threads
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for batch in (int(b) for b in args.batches.split(",")):
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                     "encoder": loaded.encoder_name,
                     "image_size": size,
                     "batch": batch,
-                    "threads": args.threads,
+                    "threads": policy.threads,
                     "torch_p50_ms": round(t50, 2),
                     "ort_p50_ms": round(o50, 2),
                     "speedup": round(t50 / o50, 2),

@@ -7,6 +7,7 @@ without those services they skip with the reason, except under `CXR_REQUIRE_SERV
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -94,3 +95,26 @@ def cxr4() -> Path:
     if not (CXR4 / "manifest.csv").exists():
         pytest.skip(f"cxr4 data set not found at {CXR4}")
     return CXR4
+
+
+@pytest.fixture
+def restore_thread_policy() -> Iterator[None]:
+    """For tests that apply a thread policy (training/threads.py): the process gets the one it
+    had back afterwards, so the test's counts do not leak into later tests."""
+    from training.threads import apply_thread_policy, current_thread_policy
+
+    before = current_thread_policy()
+    yield
+    apply_thread_policy(before)
+
+
+@pytest.fixture(autouse=True)
+def drop_logging_handlers_on_closed_streams() -> Iterator[None]:
+    """A command invoked through typer's CliRunner may install a root logging handler on the
+    runner's stderr, which is closed when the invocation ends; a later test's first log line
+    would then print a "--- Logging error ---" traceback into that test's output."""
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(getattr(handler, "stream", None), "closed", False):
+            root.removeHandler(handler)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from training.train import TrainConfig, default_threads, train
+from training.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,11 @@ def parse_combos(text: str) -> list[Combo]:
             key, sep, value = kv.partition("=")
             if not sep or key not in fields:
                 raise ValueError(f"bad override {kv!r} in {item!r}; use a TrainConfig field=value")
+            if key == "threads":  # one count per process (training/threads.py), set at start
+                raise ValueError(
+                    f"threads cannot change per combo ({item!r}): every combo runs with the "
+                    "bench process's count; give --threads to cxr bench train"
+                )
             overrides.append((key, _parse_value(value)))
         combos.append(Combo(encoder, loss, tuple(overrides)))
     if not combos:
@@ -135,9 +140,9 @@ def run_train_bench(
     Rows are written to ``out`` after each combo, so a long benchmark that is interrupted
     keeps what it finished.
     """
-    # Resolve the thread count once: measured per combo, the load average would include the
-    # previous combo's own training and hand every later combo fewer threads than the first.
-    base = dataclasses.replace(base, threads=base.threads or default_threads())
+    # Every combo runs with the thread count the process applied at its start (cxr bench train
+    # --threads, else the idle cores then): measured per combo, the load average would include
+    # the previous combo's own training and hand every later combo fewer threads than the first.
     rows: list[dict[str, Any]] = []
     for combo in combos:
         config = dataclasses.replace(

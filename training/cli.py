@@ -51,6 +51,16 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def _start_process(threads: int | None) -> None:
+    """This process's thread policy (training/threads.py), applied once when the command's
+    arguments are checked and before it works: ``--threads`` when given, else the idle cores (a
+    DDP rank: its node's share). Here and not in `train()`, so a library caller (the API's
+    in-process retrain) keeps its own."""
+    from training.threads import ThreadPolicy, apply_thread_policy
+
+    apply_thread_policy(ThreadPolicy.training(threads))
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one message and exit status 2."""
@@ -168,7 +178,9 @@ def train_command(
     workers: int | None = typer.Option(
         None, help="DataLoader workers (default: 0 on CPU, up to 8 on CUDA)."
     ),
-    threads: int | None = typer.Option(None, help="torch CPU threads (default: idle cores)."),
+    threads: int | None = typer.Option(
+        None, help="CPU threads of each process (default: idle cores shared by them)."
+    ),
     progress_bar: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bar (default: when on a terminal)."
     ),
@@ -210,6 +222,7 @@ def train_command(
             raise FileNotFoundError(f"--weights {weights} does not exist")
         from training.distributed import shutdown
 
+        _start_process(threads)
         try:
             result = train(config)
         finally:
@@ -275,6 +288,7 @@ def evaluate_command(
             raise ValueError(f"--split must be train, val or test, got {split!r}")
         _check_sources(data)
         loaded = load_checkpoint(checkpoint, map_location="cpu")
+        _start_process(None)
         report = evaluate_checkpoint(
             loaded, data, split=split, k=k, n_way=n_way, k_shot=k_shot, episodes=episodes,
             device=device, batch_size=batch_size, predictions=predictions,
@@ -328,6 +342,7 @@ def bench_train_command(
             f"COVID-19 recall {_fmt(row['covid_recall'])}, {row['minutes']:.1f} min",
             highlight=False,
         )
+        _start_process(threads)  # once: every combo runs with the same count
         rows = run_train_bench(
             base, parsed, runs_dir=runs_dir or out.with_suffix(""), out=out, on_row=show
         )
@@ -373,6 +388,7 @@ def bench_adapt_command(
         k_values = [int(v) for v in ks.split(",") if v.strip()]
         if not k_values or min(k_values) < 1:
             raise ValueError(f"--k must list positive integers, got {ks!r}")
+        _start_process(threads)
         train_minutes = None
         if checkpoint is None:
             from training.train import train
@@ -430,15 +446,12 @@ def bench_throughput_command(
     with _user_errors():
         from training.devices import resolve_device
         from training.throughput import parse_models, run_throughput_bench
-        from training.train import default_threads
 
         parsed = parse_models(models)
         if not data.exists():
             raise FileNotFoundError(f"--data {data} does not exist")
         dev = resolve_device(device)
-        import torch
-
-        torch.set_num_threads(threads or default_threads())
+        _start_process(threads)
         rows = run_throughput_bench(
             data=data, models=parsed, batch_size=batch_size, device=dev, steps=steps,
             warmup=warmup, limit=limit, cache_dir=cache_dir, compile_step=compile_step,

@@ -27,6 +27,9 @@ processes share the work:
 - **Random numbers.** NumPy's global RNG (the balanced sampler's) is seeded identically on
   every rank and must stay so; torch's RNG (augmentation, dropout) is offset by the rank after
   the model is built, so ranks augment differently. ``last.pt`` keeps every rank's RNG state.
+- **Threads.** Each rank's process applies its thread policy when it starts (``cxr train``'s
+  command, what torchrun runs on every rank): ``--threads`` per rank, else the node's idle
+  cores shared among its :func:`local_world_size` ranks (``training/threads.py``).
 """
 
 from __future__ import annotations
@@ -50,10 +53,10 @@ __all__ = [
     "ShardedBatchSampler",
     "TrainStep",
     "broadcast_object",
-    "default_threads_per_rank",
     "gather_objects",
     "gather_rows",
     "launch",
+    "local_world_size",
     "setup",
     "shard_indices",
     "shutdown",
@@ -91,6 +94,16 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+def local_world_size() -> int:
+    """This node's processes in the job torchrun describes in the environment (1 outside it).
+
+    Readable before `setup()`: a rank's thread policy (`training.threads.ThreadPolicy.training`)
+    shares the idle cores among the ranks of its node, and is applied when the rank's process
+    starts (`training/cli.py`'s `train` command), before `train()` joins the process group.
+    """
+    return max(1, _env_int("LOCAL_WORLD_SIZE", _env_int("WORLD_SIZE", 1)))
+
+
 def setup(device: str, *, timeout_s: float = 1800.0) -> DistContext:
     """Join the process group torchrun describes in the environment; else a 1-process context.
 
@@ -102,7 +115,7 @@ def setup(device: str, *, timeout_s: float = 1800.0) -> DistContext:
         return DistContext()
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
+    local_world = local_world_size()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
@@ -137,11 +150,6 @@ def shutdown() -> None:
     """Leave the process group, if this process is in one (end of a torchrun worker)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def default_threads_per_rank(ctx: DistContext, idle_cores: int) -> int:
-    """CPU threads per process: the idle cores shared among this node's processes."""
-    return max(1, idle_cores // max(1, ctx.local_world_size))
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ from training.evaluate import embed_tensors, evaluate_embeddings
 from training.gpu_augment import BatchAugmentation
 from training.losses import create_loss, list_losses
 from training.preprocess import Preprocessing, train_augmentation
+from training.threads import current_thread_policy
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,6 @@ __all__ = [
     "FINETUNE",
     "TrainConfig",
     "TrainResult",
-    "default_threads",
     "finetune_config",
     "resolve_device",
     "train",
@@ -120,7 +120,10 @@ class TrainConfig:
     device: str = "auto"  # 'auto' | 'cpu' | 'cuda'
     seed: int = 0
     workers: int | None = None  # DataLoader workers; None: 0 on CPU, up to 8 on CUDA
-    threads: int | None = None  # torch CPU threads; None: the cores that are idle right now
+    # torch CPU threads, applied by whoever starts the process (`cxr train --threads`, through
+    # training/threads.py), not by train(), which runs with the process's thread policy and
+    # records the count it ran with in config.json's "resolved". None: the idle cores.
+    threads: int | None = None
     weights: str | None = None  # state dict to start from (never downloaded)
     # A cxr checkpoint to fine-tune: its architecture, embedding size and preprocessing replace
     # the fields above, its weights initialise the encoder (how a site is adapted: the active
@@ -214,21 +217,6 @@ class TrainResult:
     run_dir: Path
     checkpoint: Path
     metrics: dict[str, Any]
-
-
-def default_threads() -> int:
-    """CPU threads for torch: the cores not already busy (1-minute load average), at least 1.
-
-    Oversubscribing a shared machine is far worse than using fewer threads: OpenMP threads
-    spin at every barrier, and on this project's loaded 2-core box two threads ran a training
-    step ~5x *slower* than one.
-    """
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not available on every platform
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def _seed_everything(seed: int) -> None:
@@ -565,10 +553,20 @@ def train(
 
 
 def _runtime(config: TrainConfig, dctx: ddp.DistContext) -> _Runtime:
-    """Device, loader workers, CUDA math modes, memory format and autocast."""
+    """Device, loader workers, CUDA math modes, memory format and autocast.
+
+    CPU threads are the process's (training/threads.py, applied when the process started): a
+    retrain inside the API must not change the request threads' counts, so train() never sets
+    them; it only says when ``config.threads`` asked for another count than it runs with."""
     device = dctx.device or resolve_device(config.device)
     on_cuda = device.type == "cuda"
-    torch.set_num_threads(config.threads or ddp.default_threads_per_rank(dctx, default_threads()))
+    threads = torch.get_num_threads()
+    if config.threads and config.threads != threads:
+        log.warning(
+            "config.threads is %d but this process runs %d thread(s) (its thread policy, %s): "
+            "the thread count is applied at process start (cxr train --threads), not by train()",
+            config.threads, threads, current_thread_policy().reason or "unset",
+        )  # fmt: skip
     workers = (
         config.workers
         if config.workers is not None

@@ -4,14 +4,20 @@ Registered as `cxr worker` by `app/commands.py`; also runnable as `python -m app
 Before consuming, it brings the schema up to date when `CXR_AUTO_MIGRATE` allows (the same
 idempotent, locked upgrade the API runs) and runs one reaper pass, so jobs orphaned by a
 previous crash of this worker are failed (running) or re-published (queued) right away.
+
+Threads: the worker applies the training thread policy at its start (`training/threads.py`:
+the idle cores then, shared by `--concurrency` jobs), and every prefork pool process applies it
+again at its own start (Celery's `worker_process_init`), so a retrain runs with that count.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from typing import Any
 
 import typer
+from celery.signals import worker_process_init
 
 from app.config import Settings
 from app.jobs.heartbeat import Republish, reap_stale_jobs
@@ -76,6 +82,7 @@ def worker_command(
 
         upgrade_to_head(settings.database_url)
     celery_app = create_celery_app(settings, options=options)
+    _apply_worker_threads(concurrency=1 if pool == "solo" else concurrency)
     _warm_imports()
     _reap_at_start(
         settings, options, lambda job_id: publish_retrain(celery_app, job_id, options=options)
@@ -93,6 +100,26 @@ def worker_command(
     ]
     logger.info("starting Celery worker on queue %s", options.queue)
     celery_app.worker_main(argv)
+
+
+def _apply_worker_threads(*, concurrency: int) -> None:
+    """The worker's thread policy, chosen once at its start: a job trains, so the training
+    policy, the idle cores shared by the jobs that may run at once. The solo pool runs jobs in
+    this process; prefork children inherit it and `_pool_process_start` applies it again."""
+    from training.threads import ThreadPolicy, apply_thread_policy
+
+    apply_thread_policy(ThreadPolicy.training(concurrent=concurrency))
+
+
+@worker_process_init.connect
+def _pool_process_start(**_: Any) -> None:
+    """A prefork pool process's start: apply the policy its parent chose (a forked copy of the
+    parent's state is not relied on: torch and OpenMP counts are made this process's
+    explicitly), or the training policy's default when no parent chose one."""
+    from training.threads import ThreadPolicy, apply_thread_policy, current_thread_policy
+
+    policy = current_thread_policy()
+    apply_thread_policy(policy if policy.kind != "unset" else ThreadPolicy.training())
 
 
 def _warm_imports() -> None:

@@ -180,22 +180,23 @@ def prepare(
 
 
 def train_model(prepared: Prepared, *, progress: Progress) -> Any:
-    """`training.train.train` on the split; the process's torch thread count survives it."""
-    import torch
+    """`training.train.train` on the split, with the threads of the process it runs in.
 
+    train() never changes thread counts (training/threads.py). In a `cxr worker` pool process
+    that is the worker's training policy (the idle cores at its start, shared by its
+    concurrency). In the API's in-process runner (no broker) it is the API's serving policy,
+    cores // `CXR_INFERENCE_WORKERS` (1 on 2 cores): the job thread is started after the
+    lifespan applied it, and takes it like a request thread. That is on purpose: the API
+    process's counts must not move for a job, and a retrain must leave the other inference
+    workers their cores; a deployment that wants retrains on every idle core runs `cxr worker`.
+    """
     from training.train import train
 
-    threads = torch.get_num_threads()
-    try:
-        return train(
-            prepared.config,
-            samples=to_samples(prepared.split),
-            progress=progress.stage(TRAIN_START, TRAIN_END),
-        )
-    finally:
-        # train() sets the process-wide torch thread count; the in-process runner shares the
-        # process with request threads, whose setting must survive the job.
-        torch.set_num_threads(threads)
+    return train(
+        prepared.config,
+        samples=to_samples(prepared.split),
+        progress=progress.stage(TRAIN_START, TRAIN_END),
+    )
 
 
 def score(

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from app.files import atomic_write_bytes
+from training.threads import current_thread_policy
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def load_onnx_encoder(
     except ImportError:
         logger.warning("onnxruntime is not installed; serving the encoder with eager torch")
         return None
-    threads = max(1, int(threads or torch.get_num_threads()))
+    threads = max(1, int(threads or current_thread_policy().threads))
     path = onnx_cache_path(models_dir, sha256)
     try:
         if not path.is_file():

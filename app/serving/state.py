@@ -28,7 +28,6 @@ retried for the same database state for `retry_after_s` seconds.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -112,7 +110,6 @@ class ServiceState:
         retry_after_s: float = 5.0,
         on_swap: Callable[[ModelBundle | None], None] | None = None,
         metrics: Any | None = None,
-        configure_threads: bool = True,
     ) -> None:
         """`inference_workers`: how many predictions may run their CPU work at once (the
         route's thread limiter and the Grad-CAM copy pool); default
@@ -120,24 +117,16 @@ class ServiceState:
         `refresh_interval_s`: 0 checks the database on every request (measured at well under
         a millisecond on SQLite); a positive value caches the check for that long.
         `on_swap` is told about every new bundle; `metrics` (the app's `app.metrics.Metrics`,
-        also attachable later as `.metrics`) gets its index and model gauges updated."""
+        also attachable later as `.metrics`) gets its index and model gauges updated.
+
+        CPU thread counts are not set here: they are the process's thread policy
+        (`training.threads.ThreadPolicy.serving`, applied when the process starts: the app
+        factory's lifespan, the `cxr` command), so building a state never changes them."""
         self.settings = settings
         self.sessionmaker = sessionmaker
-        cpus = os.cpu_count() or 1
         self.inference_workers = max(
             1, int(inference_workers or settings.effective_inference_workers)
         )
-        if configure_threads:
-            # One intra-op thread pool per concurrent inference would oversubscribe the cores:
-            # give each of the `inference_workers` concurrent forwards (and searches) its share.
-            # FAISS gets the same cap: measured on the 2-core machine, when torch is imported
-            # before faiss (as in every `cxr` process) a one-query search with 2 OpenMP threads
-            # took 24 ms instead of 0.3 ms (two OpenMP runtimes spinning against each other).
-            share = max(1, cpus // self.inference_workers)
-            torch.set_num_threads(share)
-            import faiss
-
-            faiss.omp_set_num_threads(share)
         self.device = resolve_device(settings.device)
         self.refresh_interval_s = refresh_interval_s
         self.retry_after_s = retry_after_s

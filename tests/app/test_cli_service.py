@@ -115,3 +115,25 @@ def test_references_import_counts(
         ]
     missing = runner.invoke(cli, ["references", "import", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+@pytest.mark.usefixtures("restore_thread_policy")
+def test_a_command_starts_its_process_with_the_training_thread_policy(
+    cli: typer.Typer, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cxr` applies the process's thread policy before the command: a command that is not a
+    server runs one job, on the idle cores (here: an idle machine, so every core)."""
+    import os
+
+    import faiss
+    import torch
+
+    from training.threads import ThreadPolicy, apply_thread_policy, current_thread_policy
+
+    cores = os.cpu_count() or 1
+    apply_thread_policy(ThreadPolicy(kind="test", threads=cores + 1))
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    result = runner.invoke(cli, ["keys", "list"])
+    assert result.exit_code == 0, result.output
+    assert current_thread_policy().kind == "training"
+    assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (cores, cores)

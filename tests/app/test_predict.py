@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
+import threading
 from collections.abc import Callable
 
+import faiss
 import pytest
+import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -18,6 +22,7 @@ from app.db import ApiKey, Prediction
 from app.main import create_app
 from app.serving.state import ServiceState
 from tests.app.conftest_predict import CLASS_KINDS, enroll, post_predict, synthetic_xray
+from training.threads import ThreadPolicy, apply_thread_policy, current_thread_policy
 
 ANSWER_FIELDS = {
     "id",
@@ -240,7 +245,7 @@ def test_inference_workers_come_from_settings(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def workers(settings: Settings) -> int:
-        state = ServiceState(settings=settings, sessionmaker=lambda: None, configure_threads=False)
+        state = ServiceState(settings=settings, sessionmaker=lambda: None)
         return state.inference_workers
 
     monkeypatch.delenv("CXR_INFERENCE_WORKERS", raising=False)
@@ -251,3 +256,45 @@ def test_inference_workers_come_from_settings(
     assert make_settings().inference_workers == 3
     assert workers(make_settings()) == 3
     assert workers(make_settings(inference_workers=7)) == 7
+
+
+@pytest.mark.usefixtures("restore_thread_policy")
+def test_building_a_service_state_leaves_thread_counts_alone(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Thread counts are the process's policy (training/threads.py), applied at its start; a
+    state built later (a bench's in-process timer, a second app) must not change them."""
+    # A count that no serving share of this machine equals (one inference worker: all cores).
+    mine = (os.cpu_count() or 1) + 1
+    apply_thread_policy(ThreadPolicy(kind="test", threads=mine))
+    ServiceState(settings=make_settings(), sessionmaker=lambda: None, inference_workers=1)
+    assert torch.get_num_threads() == mine
+    assert faiss.omp_get_max_threads() == mine
+
+
+@pytest.mark.usefixtures("restore_thread_policy")
+def test_app_start_applies_the_serving_thread_policy(
+    app: FastAPI, enrolled: dict[str, list[dict]]
+) -> None:
+    """The lifespan is the API process's start under uvicorn: torch, FAISS and the model's
+    ONNX Runtime session get cores // CXR_INFERENCE_WORKERS threads."""
+    cores = os.cpu_count() or 1
+    apply_thread_policy(ThreadPolicy(kind="test", threads=cores + 1))
+    fresh = create_app(app.state.settings.model_copy(update={"inference_workers": 1}))
+    seen: dict[str, object] = {}
+
+    async def start() -> None:
+        # In this thread, as uvicorn runs the lifespan in its event loop's thread.
+        async with fresh.router.lifespan_context(fresh):
+            seen["torch"], seen["faiss"] = torch.get_num_threads(), faiss.omp_get_max_threads()
+            request_thread: list[int] = []
+            thread = threading.Thread(target=lambda: request_thread.append(torch.get_num_threads()))
+            thread.start()
+            thread.join()
+            seen["request thread"] = request_thread[0]
+            bundle = fresh.state.service.bundle
+            seen["onnx"] = bundle.model.onnx.threads if bundle.model.onnx else None
+
+    asyncio.run(start())
+    assert current_thread_policy() == ThreadPolicy.serving(1)
+    assert seen == {"torch": cores, "faiss": cores, "request thread": cores, "onnx": cores}

@@ -238,3 +238,21 @@ def test_worker_without_broker_explains_what_to_set(monkeypatch: pytest.MonkeyPa
     result: Any = CliRunner().invoke(cli, [])
     assert result.exit_code == 2
     assert "CXR_BROKER_URL" in result.output
+
+
+@pytest.mark.usefixtures("restore_thread_policy")
+def test_pool_process_start_applies_the_worker_thread_policy() -> None:
+    """A prefork pool process's start (Celery's `worker_process_init`) applies the policy the
+    worker chose at its start, whatever counts the new process came with."""
+    import faiss
+    import torch
+    from celery.signals import worker_process_init
+
+    import app.jobs.worker  # noqa: F401 - connects the handler, as `cxr worker` does
+    from training.threads import ThreadPolicy, apply_thread_policy
+
+    policy = apply_thread_policy(ThreadPolicy.training(torch.get_num_threads() + 1))
+    torch.set_num_threads(policy.threads + 1)
+    faiss.omp_set_num_threads(policy.threads + 1)
+    worker_process_init.send(sender=None)
+    assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (policy.threads,) * 2

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from app.cli import cli
 from tests.training.synthetic import make_folder
+from training.threads import ThreadPolicy, apply_thread_policy
 
 runner = CliRunner()
 FAST = ["--image-size", "32", "--batch-size", "16", "--threads", "1", "--no-progress"]
@@ -22,11 +25,18 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.mark.usefixtures("restore_thread_policy")
 def test_train_then_evaluate_then_resume(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["train", "--data", str(data), "--out", str(run), "--encoder", "sepconv", *FAST]
+    apply_thread_policy(ThreadPolicy(kind="test", threads=2))  # not what --threads 1 asks
     result = runner.invoke(cli, [*args, "--epochs", "1"])
     assert result.exit_code == 0, result.output
+    # `cxr train --threads 1` is this process's start: torch and FAISS run one thread, and
+    # the run's saved config records the count it trained with.
+    assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+    config = json.loads((run / "config.json").read_text())
+    assert config["threads"] == 1 and config["resolved"]["threads"] == 1
     for name in ("encoder.pt", "metrics.json", "config.json", "loss_curve.png",
                  "confusion_matrix.png", "embedding_map.png"):  # fmt: skip
         assert (run / name).is_file(), name
@@ -86,8 +96,8 @@ def test_bench_train_writes_rows(data: Path, tmp_path: Path) -> None:
     result = runner.invoke(
         cli,
         ["bench", "train", "--data", str(data), "--combos",
-         "sepconv:contrastive:threads=1:batch_size=16,sepconv:classifier:threads=1:batch_size=16",
-         "--epochs", "1", "--image-size", "32", "--out", str(out)],
+         "sepconv:contrastive:batch_size=16,sepconv:classifier:batch_size=16",
+         "--epochs", "1", "--image-size", "32", "--threads", "1", "--out", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())

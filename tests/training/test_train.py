@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from tests.training.synthetic import make_folder
 from training.checkpoint import load_checkpoint
 from training.data import load_source
 from training.evaluate import embed_images, evaluate_embeddings
+from training.threads import ThreadPolicy, apply_thread_policy
 from training.train import TrainConfig, train
 
 
@@ -57,6 +60,20 @@ def test_other_losses_learn_too(loss: str, shapes: Path, tmp_path: Path) -> None
     if loss == "hybrid":  # the CE head is a trained parameter of the loss
         state = torch.load(tmp_path / "last.pt", weights_only=False)
         assert "classifier.head.weight" in state["loss"]
+
+
+@pytest.mark.usefixtures("restore_thread_policy")
+def test_train_runs_with_the_process_thread_count_and_leaves_it_alone(
+    shapes: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Threads are the process's (training/threads.py): a retrain inside the API must not
+    change the request threads' counts, so train() records the count and never sets it."""
+    apply_thread_policy(ThreadPolicy.training(1))
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        result = train(_config(shapes, tmp_path, epochs=1, threads=2))
+    assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+    assert json.loads((result.run_dir / "config.json").read_text())["resolved"]["threads"] == 1
+    assert "config.threads is 2 but this process runs 1" in caplog.text
 
 
 def test_run_directory_contents(trained: tuple) -> None:
