@@ -19,9 +19,9 @@ a probe batch are compared with torch's; a difference over `MAX_ABS_DIFF` (an op
 differently), a failed export or a missing `onnxruntime` falls back to torch with a warning, so a
 model that cannot be exported is still served. `CXR_ONNX=off` turns the whole path off.
 
-The session is built with the process's torch intra-op thread count (set once at start from
-`CXR_INFERENCE_WORKERS`), so ORT and torch share the cores the same way. `InferenceSession.run`
-is thread-safe and releases the GIL: request threads call it concurrently.
+The session is built with the process's thread policy (`training.threads`: cores // inference
+workers in an API process), so ORT, torch and FAISS share the cores the same way.
+`InferenceSession.run` is thread-safe and releases the GIL: request threads call it concurrently.
 """
 
 from __future__ import annotations
