@@ -53,6 +53,7 @@ from typing import Annotated, Any
 import httpx
 import numpy as np
 import typer
+from fastapi import FastAPI, File, UploadFile
 
 logger = logging.getLogger(__name__)
 
@@ -360,7 +361,7 @@ def _phase(
     )
 
 
-def create_floor_app() -> Any:
+def create_floor_app() -> FastAPI:
     """The floor of `POST /predict`: a minimal FastAPI app whose `/predict` reads the multipart
     upload and answers a small constant JSON, and whose `/ready` answers 200.
 
@@ -368,10 +369,8 @@ def create_floor_app() -> Any:
     difference between the service's latency and this app's is exactly what the service's
     logic adds (auth, version check, decode, inference, audit, its middleware): no change to
     the service can take it below this floor. Used by `uvicorn app.bench:create_floor_app
-    --factory`.
+    --factory` (its FastAPI imports are module-level so the endpoint's annotations resolve).
     """
-    from fastapi import FastAPI, File, UploadFile
-
     floor = FastAPI(title="cxr bench floor", openapi_url=None, docs_url=None, redoc_url=None)
 
     @floor.get("/ready")
@@ -524,6 +523,12 @@ def run_predict_bench(
                         seconds=seconds,
                         explain=False,
                     )
+                    if floor_phase.errors:
+                        raise RuntimeError(
+                            f"the floor app answered {floor_phase.errors} requests with an "
+                            "error: its latency would not be a floor; its log:\n"
+                            + floor.log_tail(2000)
+                        )
                     logger.info("floor: p50 %.2f ms, %.1f rps", floor_phase.p50_ms, floor_phase.rps)
                     for explain in explain_modes:
                         phase = _phase(
