@@ -22,10 +22,13 @@ What it does, so the numbers mean something:
      whose endpoint reads the upload and returns a constant JSON. That is the framework + HTTP +
      client cost no service logic can go under; `p50_ms - floor_p50_ms` is what the service's
      own work (auth, version check, inference, audit) adds over it.
-   * CPU per request (`server_cpu_ms_per_request`, `client_cpu_ms_per_request`): the server
-     process's utime + stime (from /proc/PID/stat) and this process's own CPU time over the
-     phase, divided by its requests. `rps x (server + client CPU per request)` close to the
-     machine's core count means the throughput is CPU-bound: more clients cannot scale it.
+   * CPU per request (`server_cpu_ms_per_request`, `client_cpu_ms_per_request`, and the floor
+     app's `floor_server_cpu_ms_per_request`): the server process's utime + stime (from
+     /proc/PID/stat) and this process's own CPU time over the phase, divided by its requests;
+     `machine_cores_busy`, from /proc/stat, counts every process (on a shared machine, other
+     users too). `rps x (server + client CPU per request)` close to the machine's core count
+     means the throughput is CPU-bound: more clients cannot scale it. Well below it while the
+     machine has idle cores, the server is serialised (the GIL, a lock), not short of CPU.
 
 The clients run in this process and share the machine's cores with the server: on a small
 machine the numbers include that contention (as would a sidecar load generator).
@@ -85,10 +88,16 @@ class BenchRow:
     #: The same clients against :func:`create_floor_app` (framework + HTTP + client floor).
     floor_p50_ms: float | None = None
     floor_rps: float | None = None
+    #: The floor app's server CPU per request: the part of `server_cpu_ms_per_request` that
+    #: uvicorn, FastAPI and the multipart parser spend whatever the service does.
+    floor_server_cpu_ms_per_request: float | None = None
     #: Server process CPU (utime + stime) over the phase per request (Linux; None elsewhere).
     server_cpu_ms_per_request: float | None = None
     #: This (client) process's CPU over the phase per request.
     client_cpu_ms_per_request: float | None = None
+    #: Cores busy on the whole machine during the phase, every process included (a shared
+    #: machine's other users too): near the core count, the phase was CPU-bound.
+    machine_cores_busy: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -302,6 +311,26 @@ def _cpu_ms(pid: int) -> float | None:
     return (utime + stime) * 1000.0 / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_ticks() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat (None where
+    there is none). Busy excludes idle and iowait."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    ticks = [int(v) for v in first[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return sum(ticks) - idle, sum(ticks)
+
+
+def _cores_busy(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """How many of the machine's cores were busy between two `_machine_ticks` readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    share = (after[0] - before[0]) / (after[1] - before[1])
+    return round(share * (os.cpu_count() or 1), 2)
+
+
 @dataclass(frozen=True)
 class PhaseResult:
     """One timed phase of concurrent clients against one server."""
@@ -312,6 +341,8 @@ class PhaseResult:
     elapsed: float
     server_cpu_ms_per_request: float | None
     client_cpu_ms_per_request: float | None
+    #: Cores busy on the whole machine during the phase (every process, other users' too).
+    machine_cores_busy: float | None = None
     #: Server errors during the untimed warm-up (not in the row; they show the server log).
     warmup_5xx: int = 0
 
@@ -339,11 +370,13 @@ def _phase(
     warmup = asyncio.run(
         _drive(url, key, query, clients=clients, seconds=min(1.0, seconds), explain=explain)
     )
+    machine_before = _machine_ticks()
     server_before, client_before = _cpu_ms(pid), time.process_time()
     latencies, errors, status_5xx, elapsed = asyncio.run(
         _drive(url, key, query, clients=clients, seconds=seconds, explain=explain)
     )
     server_after, client_after = _cpu_ms(pid), time.process_time()
+    machine_after = _machine_ticks()
     done = max(1, len(latencies))
     server_cpu = (
         round((server_after - server_before) / done, 2)
@@ -357,6 +390,7 @@ def _phase(
         elapsed=elapsed,
         server_cpu_ms_per_request=server_cpu,
         client_cpu_ms_per_request=round((client_after - client_before) * 1000.0 / done, 2),
+        machine_cores_busy=_cores_busy(machine_before, machine_after),
         warmup_5xx=warmup[2],
     )
 
@@ -556,8 +590,10 @@ def run_predict_bench(
                             onnx=settings.onnx,
                             floor_p50_ms=floor_phase.p50_ms,
                             floor_rps=floor_phase.rps,
+                            floor_server_cpu_ms_per_request=floor_phase.server_cpu_ms_per_request,
                             server_cpu_ms_per_request=phase.server_cpu_ms_per_request,
                             client_cpu_ms_per_request=phase.client_cpu_ms_per_request,
+                            machine_cores_busy=phase.machine_cores_busy,
                         )
                         logger.info("bench row: %s", row.as_dict())
                         rows.append(row)
@@ -573,8 +609,8 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     lines = [
         "| onnx | clients | explain | p50_ms | p99_ms | rps | errors | 5xx | bare_p50_ms | "
         "p50/bare | server_rss_mb | floor_p50_ms | floor_rps | server_cpu_ms/req | "
-        "client_cpu_ms/req |",
-        "|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "floor_server_cpu_ms/req | client_cpu_ms/req | machine_cores_busy |",
+        "|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = r.p50_ms / r.bare_p50_ms if r.bare_p50_ms else float("nan")
@@ -583,7 +619,8 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             f"{r.p99_ms:.1f} | {r.rps:.1f} | {r.errors} | {r.status_5xx} | "
             f"{r.bare_p50_ms:.1f} | {ratio:.2f} | {r.server_rss_mb} | {_fmt(r.floor_p50_ms)} | "
             f"{_fmt(r.floor_rps)} | {_fmt(r.server_cpu_ms_per_request, 2)} | "
-            f"{_fmt(r.client_cpu_ms_per_request, 2)} |"
+            f"{_fmt(r.floor_server_cpu_ms_per_request, 2)} | "
+            f"{_fmt(r.client_cpu_ms_per_request, 2)} | {_fmt(r.machine_cores_busy, 2)} |"
         )
     return "\n".join(lines)
 
@@ -695,7 +732,10 @@ def bench_predict_command(
                     )
                 busy = cpu_cores_busy(plain)
                 if busy is not None:
-                    line += f", CPU cores busy = {busy:.2f} of {os.cpu_count()}"
+                    line += f", cores busy: bench {busy:.2f}"
+                    if plain.machine_cores_busy is not None:
+                        line += f", machine {plain.machine_cores_busy:.2f}"
+                    line += f" of {os.cpu_count()}"
                 typer.echo(line)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,9 @@ LIMIT_FIELDS = {
     "floor_p50_ms",
     "floor_rps",
     "server_cpu_ms_per_request",
+    "floor_server_cpu_ms_per_request",
     "client_cpu_ms_per_request",
+    "machine_cores_busy",
 }
 
 
@@ -62,11 +65,13 @@ def test_bench_predict_smoke(data_dir: Path, tmp_path: Path) -> None:
             # The server decodes, embeds and searches every request: it cannot be free.
             assert row["server_cpu_ms_per_request"] > 0
         assert row["client_cpu_ms_per_request"] > 0
+        if sys.platform == "linux":
+            assert 0 < row["machine_cores_busy"] <= os.cpu_count()
     # Rows of one client count share one floor measurement.
     assert rows[0]["floor_p50_ms"] == rows[1]["floor_p50_ms"]
     assert "| clients | explain |" in result.stdout
     assert "floor_p50_ms" in result.stdout and "server_cpu_ms/req" in result.stdout
-    assert "p50 - floor" in result.stdout and "CPU cores busy" in result.stdout
+    assert "p50 - floor" in result.stdout and "cores busy: bench" in result.stdout
 
 
 def test_floor_app_reads_the_upload_and_answers_a_constant() -> None:
