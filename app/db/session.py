@@ -4,6 +4,13 @@ SQLite (the embedded default) is tuned for several processes sharing one file: W
 readers never block the writer, a busy timeout so concurrent writers wait instead of failing, and
 foreign keys switched on (SQLite ignores them otherwise, and `embeddings` relies on ON DELETE
 CASCADE).
+
+`synchronous = NORMAL` (with WAL) is what it trades: a commit is written to the WAL but not
+fsynced, so it survives the process crashing but the last commits (an audit row included) can
+be lost if the machine loses power or the OS crashes; the file stays consistent either way.
+Measured on the dev machine: insert + commit 0.008 ms against 0.19 ms with `FULL`. That is the
+embedded/dev database's trade; a deployment that needs every audit row to survive power loss
+runs PostgreSQL (the compose stack), whose default `synchronous_commit = on` fsyncs each commit.
 """
 
 from __future__ import annotations
