@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -70,7 +72,7 @@ def key_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> str:
     return api_key or bearer_key
 
 
-def get_current_key(
+async def get_current_key(
     request: Request,
     session: SessionDep,
     header_key: Annotated[str | None, Depends(api_key_header)],
@@ -79,7 +81,8 @@ def get_current_key(
     """The authenticated key row, or 401. Stored on `request.state.api_key` for logging.
 
     Requests with a body were already authenticated, before the body was read, by
-    `app.main.AuthBeforeBodyMiddleware`; its result is reused (one lookup per request).
+    `app.main.AuthBeforeBodyMiddleware`; its result is reused (one lookup per request, and no
+    thread hand-off: this dependency is `async` so only the database lookup leaves the loop).
     """
     pre: ApiKey | None = getattr(request.state, "preauthenticated_key", None)
     if pre is not None:
@@ -88,7 +91,8 @@ def get_current_key(
     key = (header_key or "").strip() or (
         bearer_credentials.credentials.strip() if bearer_credentials else ""
     )
-    row = resolve_key(session=session, key=key, settings=request.app.state.settings)
+    lookup = partial(resolve_key, session=session, key=key, settings=request.app.state.settings)
+    row = await anyio.to_thread.run_sync(lookup)
     request.state.api_key = row
     return row
 
@@ -124,7 +128,7 @@ def require_role(role: str) -> Callable[..., ApiKey]:
     if role in _ROLE_DEPENDENCIES:
         return _ROLE_DEPENDENCIES[role]
 
-    def dependency(key: CurrentKey) -> ApiKey:
+    async def dependency(key: CurrentKey) -> ApiKey:  # async: no thread hand-off for a compare
         check_role(key, role)
         return key
 

@@ -15,6 +15,20 @@ What it does, so the numbers mean something:
 4. For each client count and explain flag: that many concurrent httpx clients post the query
    image for `--seconds`; rows with `clients`, `explain`, `p50_ms`, `p99_ms`, `rps`, `errors`
    (non-200 answers or transport errors), `status_5xx`, `bare_p50_ms`.
+5. The two numbers that explain the limits of those rows:
+
+   * the *floor* (`floor_p50_ms`, `floor_rps`): the same clients post the same multipart upload
+     to :func:`create_floor_app`, a minimal FastAPI app started by the same uvicorn command line,
+     whose endpoint reads the upload and returns a constant JSON. That is the framework + HTTP +
+     client cost no service logic can go under; `p50_ms - floor_p50_ms` is what the service's
+     own work (auth, version check, inference, audit) adds over it.
+   * CPU per request (`server_cpu_ms_per_request`, `client_cpu_ms_per_request`, and the floor
+     app's `floor_server_cpu_ms_per_request`): the server process's utime + stime (from
+     /proc/PID/stat) and this process's own CPU time over the phase, divided by its requests;
+     `machine_cores_busy`, from /proc/stat, counts every process (on a shared machine, other
+     users too). `rps x (server + client CPU per request)` close to the machine's core count
+     means the throughput is CPU-bound: more clients cannot scale it. Well below it while the
+     machine has idle cores, the server is serialised (the GIL, a lock), not short of CPU.
 
 The clients run in this process and share the machine's cores with the server: on a small
 machine the numbers include that contention (as would a sidecar load generator).
@@ -42,6 +56,7 @@ from typing import Annotated, Any
 import httpx
 import numpy as np
 import typer
+from fastapi import FastAPI, File, UploadFile
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +85,19 @@ class BenchRow:
     server_rss_mb: float | None = None
     #: `CXR_ONNX` of both the server and the bare timer (ONNX Runtime or eager torch forward).
     onnx: str = "auto"
+    #: The same clients against :func:`create_floor_app` (framework + HTTP + client floor).
+    floor_p50_ms: float | None = None
+    floor_rps: float | None = None
+    #: The floor app's server CPU per request: the part of `server_cpu_ms_per_request` that
+    #: uvicorn, FastAPI and the multipart parser spend whatever the service does.
+    floor_server_cpu_ms_per_request: float | None = None
+    #: Server process CPU (utime + stime) over the phase per request (Linux; None elsewhere).
+    server_cpu_ms_per_request: float | None = None
+    #: This (client) process's CPU over the phase per request.
+    client_cpu_ms_per_request: float | None = None
+    #: Cores busy on the whole machine during the phase, every process included (a shared
+    #: machine's other users too): near the core count, the phase was CPU-bound.
+    machine_cores_busy: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -270,6 +298,127 @@ def _rss_mb(pid: int) -> float | None:
     return None
 
 
+def _cpu_ms(pid: int) -> float | None:
+    """CPU time (user + system, all threads) process `pid` has used, in ms, from
+    /proc/PID/stat (None where there is no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces: split after its closing parenthesis.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) * 1000.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_ticks() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat (None where
+    there is none). Busy excludes idle and iowait."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    ticks = [int(v) for v in first[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return sum(ticks) - idle, sum(ticks)
+
+
+def _cores_busy(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """How many of the machine's cores were busy between two `_machine_ticks` readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    share = (after[0] - before[0]) / (after[1] - before[1])
+    return round(share * (os.cpu_count() or 1), 2)
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """One timed phase of concurrent clients against one server."""
+
+    latencies: list[float]
+    errors: int
+    status_5xx: int
+    elapsed: float
+    server_cpu_ms_per_request: float | None
+    client_cpu_ms_per_request: float | None
+    #: Cores busy on the whole machine during the phase (every process, other users' too).
+    machine_cores_busy: float | None = None
+    #: Server errors during the untimed warm-up (not in the row; they show the server log).
+    warmup_5xx: int = 0
+
+    @property
+    def p50_ms(self) -> float:
+        return round(_percentile(self.latencies, 50), 2)
+
+    @property
+    def rps(self) -> float:
+        return round(len(self.latencies) / self.elapsed, 2) if self.elapsed > 0 else 0.0
+
+
+def _phase(
+    url: str,
+    pid: int,
+    key: str,
+    query: bytes,
+    *,
+    clients: int,
+    seconds: float,
+    explain: bool,
+) -> PhaseResult:
+    """A short warm-up, then `clients` concurrent clients for `seconds`, with the server's and
+    this process's CPU time read around the timed part."""
+    warmup = asyncio.run(
+        _drive(url, key, query, clients=clients, seconds=min(1.0, seconds), explain=explain)
+    )
+    machine_before = _machine_ticks()
+    server_before, client_before = _cpu_ms(pid), time.process_time()
+    latencies, errors, status_5xx, elapsed = asyncio.run(
+        _drive(url, key, query, clients=clients, seconds=seconds, explain=explain)
+    )
+    server_after, client_after = _cpu_ms(pid), time.process_time()
+    machine_after = _machine_ticks()
+    done = max(1, len(latencies))
+    server_cpu = (
+        round((server_after - server_before) / done, 2)
+        if server_before is not None and server_after is not None
+        else None
+    )
+    return PhaseResult(
+        latencies=latencies,
+        errors=errors,
+        status_5xx=status_5xx,
+        elapsed=elapsed,
+        server_cpu_ms_per_request=server_cpu,
+        client_cpu_ms_per_request=round((client_after - client_before) * 1000.0 / done, 2),
+        machine_cores_busy=_cores_busy(machine_before, machine_after),
+        warmup_5xx=warmup[2],
+    )
+
+
+def create_floor_app() -> FastAPI:
+    """The floor of `POST /predict`: a minimal FastAPI app whose `/predict` reads the multipart
+    upload and answers a small constant JSON, and whose `/ready` answers 200.
+
+    Served by :func:`running_service` with the service's own uvicorn command line, so the
+    difference between the service's latency and this app's is exactly what the service's
+    logic adds (auth, version check, decode, inference, audit, its middleware): no change to
+    the service can take it below this floor. Used by `uvicorn app.bench:create_floor_app
+    --factory` (its FastAPI imports are module-level so the endpoint's annotations resolve).
+    """
+    floor = FastAPI(title="cxr bench floor", openapi_url=None, docs_url=None, redoc_url=None)
+
+    @floor.get("/ready")
+    async def ready() -> dict[str, bool]:
+        return {"ready": True}
+
+    @floor.post("/predict")
+    async def predict(file: Annotated[UploadFile, File()]) -> dict[str, Any]:
+        data = await file.read()
+        return {"label": "floor", "bytes": len(data), "unknown": False}
+
+    return floor
+
+
 def service_env(data_dir: Path, secret: str, **extra: str) -> dict[str, str]:
     """The environment of a benchmarked service process: its own data directory and embedded
     database, in-process jobs, CPU, quiet logs; ``extra`` (e.g. ``CXR_DATABASE_URL``) on top."""
@@ -327,13 +476,15 @@ def running_service(
     ready_path: str = "/ready",
     ready_timeout_s: float = READY_TIMEOUT_S,
     stop_timeout_s: float = 30.0,
+    app_factory: str = "app.main:create_app",
 ) -> Iterator[ServiceProcess]:
-    """`uvicorn app.main:create_app` in a subprocess on a free loopback port, its output in
-    ``log_path``; yields once ``ready_path`` answers 200 and stops the process on exit (the
-    one server start every service benchmark shares)."""
+    """`uvicorn app.main:create_app` (or another ``app_factory``, e.g. the bench's floor app)
+    in a subprocess on a free loopback port, its output in ``log_path``; yields once
+    ``ready_path`` answers 200 and stops the process on exit (the one server start every
+    service benchmark shares)."""
     port = free_port()
     command = [
-        sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+        sys.executable, "-m", "uvicorn", app_factory, "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
     with open(log_path, "wb") as log_file:
@@ -385,49 +536,64 @@ def run_predict_bench(
         env = service_env(data_dir, secret, **extra)
         rows: list[BenchRow] = []
         warmup_5xx = 0
-        with running_service(env, tmp_path / "server.log") as server:
+        with (
+            running_service(
+                env, tmp_path / "floor.log", app_factory="app.bench:create_floor_app"
+            ) as floor,
+            running_service(env, tmp_path / "server.log") as server,
+        ):
             base_url, proc = server.url, server.proc
             try:
                 for n in clients:
                     bare_ms = bare.p50(False, bare_iterations)
                     bare_explain_ms = bare.p50(True, max(5, bare_iterations // 2))
                     logger.info("bare: %.2f ms, with Grad-CAM %.2f ms", bare_ms, bare_explain_ms)
+                    floor_phase = _phase(
+                        floor.url,
+                        floor.proc.pid,
+                        keys["reader"],
+                        query,
+                        clients=n,
+                        seconds=seconds,
+                        explain=False,
+                    )
+                    if floor_phase.errors:
+                        raise RuntimeError(
+                            f"the floor app answered {floor_phase.errors} requests with an "
+                            "error: its latency would not be a floor; its log:\n"
+                            + floor.log_tail(2000)
+                        )
+                    logger.info("floor: p50 %.2f ms, %.1f rps", floor_phase.p50_ms, floor_phase.rps)
                     for explain in explain_modes:
-                        # Short warm-up so lazy work (Grad-CAM copies) is not in the timings.
-                        warmup = asyncio.run(
-                            _drive(
-                                base_url,
-                                keys["reader"],
-                                query,
-                                clients=n,
-                                seconds=min(1.0, seconds),
-                                explain=explain,
-                            )
+                        phase = _phase(
+                            base_url,
+                            proc.pid,
+                            keys["reader"],
+                            query,
+                            clients=n,
+                            seconds=seconds,
+                            explain=explain,
                         )
-                        warmup_5xx += warmup[2]
-                        lat, errors, s5xx, elapsed = asyncio.run(
-                            _drive(
-                                base_url,
-                                keys["reader"],
-                                query,
-                                clients=n,
-                                seconds=seconds,
-                                explain=explain,
-                            )
-                        )
+                        warmup_5xx += phase.warmup_5xx
                         row = BenchRow(
                             clients=n,
                             explain=explain,
-                            p50_ms=round(_percentile(lat, 50), 2),
-                            p99_ms=round(_percentile(lat, 99), 2),
-                            rps=round(len(lat) / elapsed, 2) if elapsed > 0 else 0.0,
-                            errors=errors,
+                            p50_ms=phase.p50_ms,
+                            p99_ms=round(_percentile(phase.latencies, 99), 2),
+                            rps=phase.rps,
+                            errors=phase.errors,
                             bare_p50_ms=round(bare_ms, 2),
-                            requests=len(lat),
-                            status_5xx=s5xx,
+                            requests=len(phase.latencies),
+                            status_5xx=phase.status_5xx,
                             bare_explain_p50_ms=round(bare_explain_ms, 2),
                             server_rss_mb=_rss_mb(proc.pid),
                             onnx=settings.onnx,
+                            floor_p50_ms=floor_phase.p50_ms,
+                            floor_rps=floor_phase.rps,
+                            floor_server_cpu_ms_per_request=floor_phase.server_cpu_ms_per_request,
+                            server_cpu_ms_per_request=phase.server_cpu_ms_per_request,
+                            client_cpu_ms_per_request=phase.client_cpu_ms_per_request,
+                            machine_cores_busy=phase.machine_cores_busy,
                         )
                         logger.info("bench row: %s", row.as_dict())
                         rows.append(row)
@@ -442,17 +608,33 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     """A Markdown table of the rows (what docs/BENCHMARKS.md shows)."""
     lines = [
         "| onnx | clients | explain | p50_ms | p99_ms | rps | errors | 5xx | bare_p50_ms | "
-        "p50/bare | server_rss_mb |",
-        "|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "p50/bare | server_rss_mb | floor_p50_ms | floor_rps | server_cpu_ms/req | "
+        "floor_server_cpu_ms/req | client_cpu_ms/req | machine_cores_busy |",
+        "|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = r.p50_ms / r.bare_p50_ms if r.bare_p50_ms else float("nan")
         lines.append(
             f"| {r.onnx} | {r.clients} | {str(r.explain).lower()} | {r.p50_ms:.1f} | "
             f"{r.p99_ms:.1f} | {r.rps:.1f} | {r.errors} | {r.status_5xx} | "
-            f"{r.bare_p50_ms:.1f} | {ratio:.2f} | {r.server_rss_mb} |"
+            f"{r.bare_p50_ms:.1f} | {ratio:.2f} | {r.server_rss_mb} | {_fmt(r.floor_p50_ms)} | "
+            f"{_fmt(r.floor_rps)} | {_fmt(r.server_cpu_ms_per_request, 2)} | "
+            f"{_fmt(r.floor_server_cpu_ms_per_request, 2)} | "
+            f"{_fmt(r.client_cpu_ms_per_request, 2)} | {_fmt(r.machine_cores_busy, 2)} |"
         )
     return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def cpu_cores_busy(row: BenchRow) -> float | None:
+    """Cores the server and the clients kept busy together during the phase
+    (`rps x CPU per request`): near the machine's core count, the phase was CPU-bound."""
+    if row.server_cpu_ms_per_request is None or row.client_cpu_ms_per_request is None:
+        return None
+    return row.rps * (row.server_cpu_ms_per_request + row.client_cpu_ms_per_request) / 1000.0
 
 
 def _parse_clients(value: str) -> list[int]:
@@ -543,6 +725,17 @@ def bench_predict_command(
                     line += f", explain / no-explain = {expl.p50_ms / plain.p50_ms:.2f}"
                 if one and one.rps:
                     line += f", rps / one-client rps = {plain.rps / one.rps:.2f}"
+                if plain.floor_p50_ms:
+                    line += (
+                        f", p50 - floor = {plain.p50_ms - plain.floor_p50_ms:.1f} ms"
+                        f" (floor / bare = {plain.floor_p50_ms / plain.bare_p50_ms:.2f})"
+                    )
+                busy = cpu_cores_busy(plain)
+                if busy is not None:
+                    line += f", cores busy: bench {busy:.2f}"
+                    if plain.machine_cores_busy is not None:
+                        line += f", machine {plain.machine_cores_busy:.2f}"
+                    line += f" of {os.cpu_count()}"
                 typer.echo(line)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,12 @@ role); and the objects `create_app` and the lifespans hang off `app.state`: `Ser
 prediction state; 503 while it is not started), `MaybeServiceDep` (None then),
 `SessionFactoryDep`, `MetricsDep`, `ThumbnailCacheDep`, `OutboxDep` and `JobRunnerDep`.
 Routes only declare the alias they need and never read `app.state` themselves.
+
+Every dependency here is `async def` although none awaits: FastAPI runs a plain `def`
+dependency in the worker-thread pool, one thread hand-off each, and `POST /predict` paid seven
+of them (settings, service, metrics, key, role, session enter and exit) for attribute reads.
+Reading `app.state` cannot block the event loop; only the database work is sent to a thread
+(`app.auth.get_current_key`, `app.db.session.get_session`).
 """
 
 from __future__ import annotations
@@ -27,19 +33,19 @@ from app.services.thumbnails import ThumbnailCache
 from app.serving.state import ServiceState
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was created with (not re-read from the environment)."""
     return request.app.state.settings
 
 
-def get_maybe_service(request: Request) -> ServiceState | None:
+async def get_maybe_service(request: Request) -> ServiceState | None:
     """This process's prediction state (None before the lifespan built it)."""
     return request.app.state.service
 
 
-def get_service(request: Request) -> ServiceState:
+async def get_service(request: Request) -> ServiceState:
     """This process's prediction state; 503 when it is not started."""
-    service = get_maybe_service(request)
+    service: ServiceState | None = request.app.state.service
     if service is None:
         raise HTTPException(
             status_code=503,
@@ -48,25 +54,25 @@ def get_service(request: Request) -> ServiceState:
     return service
 
 
-def get_session_factory(request: Request) -> sessionmaker[Session]:
+async def get_session_factory(request: Request) -> sessionmaker[Session]:
     """The app's sessionmaker, for a route that opens (and guards) its own session."""
     return request.app.state.sessionmaker
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_thumbnail_cache(request: Request) -> ThumbnailCache:
+async def get_thumbnail_cache(request: Request) -> ThumbnailCache:
     return request.app.state.thumbnail_cache
 
 
-def get_outbox(request: Request) -> OutboxWorker | None:
+async def get_outbox(request: Request) -> OutboxWorker | None:
     """The DICOM outbox worker of this process (None without a configured destination)."""
     return request.app.state.dicom_outbox
 
 
-def get_job_runner(request: Request) -> JobRunner:
+async def get_job_runner(request: Request) -> JobRunner:
     """The job runner the jobs router's lifespan started; 503 when it is not running."""
     runner = request.app.state.job_runner
     if runner is None:

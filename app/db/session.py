@@ -4,15 +4,24 @@ SQLite (the embedded default) is tuned for several processes sharing one file: W
 readers never block the writer, a busy timeout so concurrent writers wait instead of failing, and
 foreign keys switched on (SQLite ignores them otherwise, and `embeddings` relies on ON DELETE
 CASCADE).
+
+`synchronous = NORMAL` (with WAL) is what it trades: a commit is written to the WAL but not
+fsynced, so it survives the process crashing but the last commits (an audit row included) can
+be lost if the machine loses power or the OS crashes; the file stays consistent either way.
+Measured on the dev machine: insert + commit 0.008 ms against 0.19 ms with `FULL`. That is the
+embedded/dev database's trade; a deployment that needs every audit row to survive power loss
+runs PostgreSQL (the compose stack), whose default `synchronous_commit = on` fsyncs each commit.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, Request
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -64,11 +73,25 @@ def create_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """FastAPI dependency: one session per request from the app's sessionmaker."""
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """FastAPI dependency: one session per request from the app's sessionmaker.
+
+    `async` so that opening and closing it cost no thread hand-off (FastAPI runs a sync
+    generator dependency's enter and exit in the thread pool: two hops per request). Opening a
+    session touches no connection; closing one only does database I/O (the rollback that
+    returns its connection to the pool) when it still holds a transaction, and only then is the
+    close sent to a worker thread, shielded so a cancelled request cannot leak the connection.
+    """
     factory: sessionmaker[Session] = request.app.state.sessionmaker
-    with factory() as session:
+    session = factory()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(session.close)
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

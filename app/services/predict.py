@@ -63,6 +63,8 @@ __all__ = [
 
 _EXTENSIONS = {ImageFormat.PNG: "png", ImageFormat.JPEG: "jpg", ImageFormat.DICOM: "dcm"}
 MAX_K = 50
+#: The audit row's INSERT, built once (`predict`).
+_AUDIT_INSERT = Prediction.__table__.insert()
 
 
 class PredictionUnavailableError(RuntimeError):
@@ -233,20 +235,25 @@ def predict(
     image_path = (
         _store_upload(data, prediction_id, settings) if settings.store_prediction_images else None
     )
-    session.add(
-        Prediction(
-            id=prediction_id,
-            created_at=utcnow(),
-            api_key_id=api_key_id,
-            model_version=bundle.model_version,
-            index_version=bundle.index_version,
-            method=method,
-            label=answer.label,
-            unknown=answer.unknown,
-            confidence=answer.confidence,
-            answer=_audit_answer(answer),
-            image_path=image_path,
-        )
+    # The audit row is committed before the answer leaves (medical audit). A Core INSERT on the
+    # session's connection, not `session.add`: nothing reads the row back, and the ORM unit of
+    # work cost ~0.16 ms (SQLite) to ~0.3 ms (PostgreSQL) of Python per prediction (measured:
+    # add + commit 0.26 -> 0.10 ms, 0.89 -> 0.60 ms). Same row, same transaction.
+    session.connection().execute(
+        _AUDIT_INSERT,
+        {
+            "id": prediction_id,
+            "created_at": utcnow(),
+            "api_key_id": api_key_id,
+            "model_version": bundle.model_version,
+            "index_version": bundle.index_version,
+            "method": method,
+            "label": answer.label,
+            "unknown": answer.unknown,
+            "confidence": answer.confidence,
+            "answer": _audit_answer(answer),
+            "image_path": image_path,
+        },
     )
     session.commit()
     logger.info(

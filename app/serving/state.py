@@ -60,6 +60,14 @@ __all__ = [
 
 SERVICE_STATE_ID = 1
 
+#: `ServiceState.read_target`'s one-round-trip query, built once (it has no parameters).
+_TARGET_QUERY = select(
+    select(ServiceStateRow.index_version)
+    .where(ServiceStateRow.id == SERVICE_STATE_ID)
+    .scalar_subquery(),
+    select(Model.version).where(Model.active.is_(True)).limit(1).scalar_subquery(),
+)
+
 NO_MODEL_REASON = (
     "no active model: register and activate one with `cxr models add CKPT --activate`, "
     "or POST /admin/models/{version}/activate"
@@ -260,14 +268,15 @@ class ServiceState:
 
     @staticmethod
     def read_target(session: Session) -> DatabaseTarget:
-        """`index_version` and the active model version, in one round trip."""
-        index_q = (
-            select(ServiceStateRow.index_version)
-            .where(ServiceStateRow.id == SERVICE_STATE_ID)
-            .scalar_subquery()
-        )
-        model_q = select(Model.version).where(Model.active.is_(True)).limit(1).scalar_subquery()
-        row = session.execute(select(index_q, model_q)).one()
+        """`index_version` and the active model version, in one round trip, every call (the
+        SPEC's "a new reference is used by every API process's next prediction").
+
+        The statement is built once (`_TARGET_QUERY`) and run on the session's connection as
+        plain Core: building it and the ORM execute path cost ~0.12 ms (SQLite) to ~0.27 ms
+        (PostgreSQL) of Python per prediction, held under the GIL (measured: 0.148 -> 0.025
+        ms and 0.40 -> 0.13 ms). Same transaction as the session's, same SQL.
+        """
+        row = session.connection().execute(_TARGET_QUERY).one()
         return DatabaseTarget(index_version=int(row[0] or 0), model_version=row[1])
 
     # -- refresh machinery ---------------------------------------------------------------------
