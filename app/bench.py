@@ -7,7 +7,10 @@ What it does, so the numbers mean something:
    `resnet9_half` at 128 px in smoke tests) registered and activated; a few synthetic
    references per class enrolled through the service functions (same path as the API).
 2. The real service: `uvicorn app.main:create_app --factory` in a subprocess on a free loopback
-   port, waited for until `/ready` answers 200.
+   port, waited for until `/ready` answers 200; with `--api-workers N` (N > 1) uvicorn's
+   multi-process mode, N API processes behind one socket, as `cxr serve --workers N` and the
+   compose file (`CXR_API_WORKERS`, default 2) deploy it. CPU and memory are then read over the
+   whole process tree; `server_rss_mb` is the largest single process.
 3. The *bare* cost in this process, measured on the same state right before each client count
    (so it sees the same machine load): decode + preprocess + forward + search of the same query
    image (`app.services.predict.prepare_query` + `answer_query`, the functions the route runs),
@@ -98,6 +101,8 @@ class BenchRow:
     #: Cores busy on the whole machine during the phase, every process included (a shared
     #: machine's other users too): near the core count, the phase was CPU-bound.
     machine_cores_busy: float | None = None
+    #: API processes serving (uvicorn `--workers`; 1: the single-process server).
+    api_workers: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -287,6 +292,37 @@ async def _drive(
     return latencies, errors, status_5xx, elapsed
 
 
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and every descendant (uvicorn's worker processes), from /proc; `[pid]` where
+    there is no /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def _tree_cpu_ms(pids: Sequence[int]) -> float | None:
+    """CPU time of the processes `pids` together (`_cpu_ms` summed; None if one is unreadable)."""
+    values = [_cpu_ms(pid) for pid in pids]
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
+def _largest_rss_mb(pids: Sequence[int]) -> float | None:
+    """The largest resident set among `pids` (one API process's footprint)."""
+    values = [v for v in (_rss_mb(pid) for pid in pids) if v is not None]
+    return max(values) if values else None
+
+
 def _rss_mb(pid: int) -> float | None:
     """Resident set size of process `pid` in MB, from /proc (None where there is no /proc)."""
     try:
@@ -370,12 +406,13 @@ def _phase(
     warmup = asyncio.run(
         _drive(url, key, query, clients=clients, seconds=min(1.0, seconds), explain=explain)
     )
+    pids = _process_tree(pid)  # after the warm-up: every worker process has started
     machine_before = _machine_ticks()
-    server_before, client_before = _cpu_ms(pid), time.process_time()
+    server_before, client_before = _tree_cpu_ms(pids), time.process_time()
     latencies, errors, status_5xx, elapsed = asyncio.run(
         _drive(url, key, query, clients=clients, seconds=seconds, explain=explain)
     )
-    server_after, client_after = _cpu_ms(pid), time.process_time()
+    server_after, client_after = _tree_cpu_ms(pids), time.process_time()
     machine_after = _machine_ticks()
     done = max(1, len(latencies))
     server_cpu = (
@@ -477,16 +514,19 @@ def running_service(
     ready_timeout_s: float = READY_TIMEOUT_S,
     stop_timeout_s: float = 30.0,
     app_factory: str = "app.main:create_app",
+    workers: int = 1,
 ) -> Iterator[ServiceProcess]:
     """`uvicorn app.main:create_app` (or another ``app_factory``, e.g. the bench's floor app)
     in a subprocess on a free loopback port, its output in ``log_path``; yields once
     ``ready_path`` answers 200 and stops the process on exit (the one server start every
-    service benchmark shares)."""
+    service benchmark shares). ``workers`` > 1 runs uvicorn's multi-process mode."""
     port = free_port()
     command = [
         sys.executable, "-m", "uvicorn", app_factory, "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
+    if workers > 1:
+        command += ["--workers", str(workers)]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         service = ServiceProcess(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)
@@ -513,6 +553,7 @@ def run_predict_bench(
     inference_workers: int | None = None,
     work_dir: Path | None = None,
     onnx: str = "auto",
+    api_workers: int = 1,
 ) -> list[BenchRow]:
     """Run the benchmark end to end (see the module docstring); returns one row per phase."""
     from app.config import Settings
@@ -540,7 +581,7 @@ def run_predict_bench(
             running_service(
                 env, tmp_path / "floor.log", app_factory="app.bench:create_floor_app"
             ) as floor,
-            running_service(env, tmp_path / "server.log") as server,
+            running_service(env, tmp_path / "server.log", workers=api_workers) as server,
         ):
             base_url, proc = server.url, server.proc
             try:
@@ -586,7 +627,7 @@ def run_predict_bench(
                             requests=len(phase.latencies),
                             status_5xx=phase.status_5xx,
                             bare_explain_p50_ms=round(bare_explain_ms, 2),
-                            server_rss_mb=_rss_mb(proc.pid),
+                            server_rss_mb=_largest_rss_mb(_process_tree(proc.pid)),
                             onnx=settings.onnx,
                             floor_p50_ms=floor_phase.p50_ms,
                             floor_rps=floor_phase.rps,
@@ -594,6 +635,7 @@ def run_predict_bench(
                             server_cpu_ms_per_request=phase.server_cpu_ms_per_request,
                             client_cpu_ms_per_request=phase.client_cpu_ms_per_request,
                             machine_cores_busy=phase.machine_cores_busy,
+                            api_workers=api_workers,
                         )
                         logger.info("bench row: %s", row.as_dict())
                         rows.append(row)
@@ -607,15 +649,16 @@ def run_predict_bench(
 def format_table(rows: Sequence[BenchRow]) -> str:
     """A Markdown table of the rows (what docs/BENCHMARKS.md shows)."""
     lines = [
-        "| onnx | clients | explain | p50_ms | p99_ms | rps | errors | 5xx | bare_p50_ms | "
-        "p50/bare | server_rss_mb | floor_p50_ms | floor_rps | server_cpu_ms/req | "
+        "| api_workers | onnx | clients | explain | p50_ms | p99_ms | rps | errors | 5xx | "
+        "bare_p50_ms | p50/bare | server_rss_mb | floor_p50_ms | floor_rps | server_cpu_ms/req | "
         "floor_server_cpu_ms/req | client_cpu_ms/req | machine_cores_busy |",
-        "|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = r.p50_ms / r.bare_p50_ms if r.bare_p50_ms else float("nan")
         lines.append(
-            f"| {r.onnx} | {r.clients} | {str(r.explain).lower()} | {r.p50_ms:.1f} | "
+            f"| {r.api_workers} | {r.onnx} | {r.clients} | {str(r.explain).lower()} | "
+            f"{r.p50_ms:.1f} | "
             f"{r.p99_ms:.1f} | {r.rps:.1f} | {r.errors} | {r.status_5xx} | "
             f"{r.bare_p50_ms:.1f} | {ratio:.2f} | {r.server_rss_mb} | {_fmt(r.floor_p50_ms)} | "
             f"{_fmt(r.floor_rps)} | {_fmt(r.server_cpu_ms_per_request, 2)} | "
@@ -637,16 +680,15 @@ def cpu_cores_busy(row: BenchRow) -> float | None:
     return row.rps * (row.server_cpu_ms_per_request + row.client_cpu_ms_per_request) / 1000.0
 
 
-def _parse_clients(value: str) -> list[int]:
+def _parse_clients(value: str, *, option: str = "--clients") -> list[int]:
+    """Positive integers separated by commas (`--clients`, `--api-workers`)."""
     try:
-        clients = [int(part) for part in value.split(",") if part.strip()]
+        counts = [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
-        raise typer.BadParameter(
-            "--clients takes integers separated by commas, e.g. 1,8,32"
-        ) from None
-    if not clients or any(c < 1 for c in clients):
-        raise typer.BadParameter("--clients takes positive integers, e.g. 1,8,32")
-    return clients
+        raise typer.BadParameter(f"{option} takes integers separated by commas, e.g. 1,8") from None
+    if not counts or any(c < 1 for c in counts):
+        raise typer.BadParameter(f"{option} takes positive integers, e.g. 1,8")
+    return counts
 
 
 def bench_predict_command(
@@ -682,6 +724,13 @@ def bench_predict_command(
             "off (eager torch), or auto,off to compare them in one command."
         ),
     ] = "auto",
+    api_workers: Annotated[
+        str,
+        typer.Option(
+            help="API processes (uvicorn --workers), one full run each: 1, 2, or 1,2 to "
+            "compare them in one command (the compose file deploys 2)."
+        ),
+    ] = "1",
 ) -> None:
     """Benchmark POST /predict on the real service; prints a table and writes JSON rows."""
     client_counts = _parse_clients(clients)
@@ -702,24 +751,28 @@ def bench_predict_command(
     onnx_modes = [part.strip().lower() for part in onnx.split(",") if part.strip()]
     if not onnx_modes or any(mode not in ("auto", "off") for mode in onnx_modes):
         raise typer.BadParameter("--onnx takes auto, off or auto,off")
+    worker_counts = _parse_clients(api_workers, option="--api-workers")
     rows = []
-    for mode in onnx_modes:
-        rows += run_predict_bench(
-            clients=client_counts,
-            seconds=seconds,
-            checkpoint=checkpoint,
-            references_per_class=references_per_class,
-            explain_modes=modes,
-            onnx=mode,
-        )
+    for workers in worker_counts:
+        for mode in onnx_modes:
+            rows += run_predict_bench(
+                clients=client_counts,
+                seconds=seconds,
+                checkpoint=checkpoint,
+                references_per_class=references_per_class,
+                explain_modes=modes,
+                onnx=mode,
+                api_workers=workers,
+            )
     typer.echo(format_table(rows))
-    by_mode = {(r.onnx, r.clients, r.explain): r for r in rows}
-    for mode in onnx_modes:
-        one = by_mode.get((mode, client_counts[0], False))
+    by_mode = {(r.api_workers, r.onnx, r.clients, r.explain): r for r in rows}
+    for workers, mode in ((w, m) for w in worker_counts for m in onnx_modes):
+        one = by_mode.get((workers, mode, client_counts[0], False))
         for n in client_counts:
-            plain, expl = by_mode.get((mode, n, False)), by_mode.get((mode, n, True))
+            plain = by_mode.get((workers, mode, n, False))
+            expl = by_mode.get((workers, mode, n, True))
             if plain and plain.p50_ms:
-                line = f"onnx={mode} clients={n}: p50 no-explain / bare = "
+                line = f"api_workers={workers} onnx={mode} clients={n}: p50 no-explain / bare = "
                 line += f"{plain.p50_ms / plain.bare_p50_ms:.2f}"
                 if expl:
                     line += f", explain / no-explain = {expl.p50_ms / plain.p50_ms:.2f}"

@@ -101,3 +101,41 @@ def test_bench_predict_needs_a_real_checkpoint(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["bench", "predict", "--checkpoint", str(missing)])
     assert result.exit_code == 2
     assert "--fresh-model" in result.output and "runs/default" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the process tree is read from /proc")
+def test_bench_predict_with_two_api_processes(data_dir: Path, tmp_path: Path) -> None:
+    """`--api-workers 2`: uvicorn's multi-process mode; the server's CPU is the sum over its
+    worker processes (the supervisor itself does no request work, so a positive figure means
+    the children were counted) and the RSS is one process's."""
+    from app.cli import cli
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "predict",
+            "--clients",
+            "2",
+            "--seconds",
+            "1",
+            "--explain",
+            "false",
+            "--references-per-class",
+            "3",
+            "--fresh-model",
+            "--api-workers",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())
+    assert row["api_workers"] == 2 and row["clients"] == 2
+    assert row["errors"] == 0 and row["requests"] > 0
+    assert row["server_cpu_ms_per_request"] > 0
+    assert 0 < row["server_rss_mb"] < 4096
+    assert "api_workers=2 onnx=auto clients=2" in result.stdout
