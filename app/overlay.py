@@ -85,6 +85,24 @@ def heat_on_film(heat: np.ndarray, shape: tuple[int, int], crop: float = 0.0) ->
     return film
 
 
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """``[0, 1]`` floats to 0-255 levels (rounded, clipped)."""
+    return (np.clip(values, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _heat_levels(heat: np.ndarray, shape: tuple[int, int], crop: float) -> np.ndarray:
+    """`heat_on_film` in 0-255 levels, resized as 8-bit (the palette has 256 entries anyway;
+    4x cheaper than resizing floats): the palette indices of the overlay's colour layer."""
+    h, w = shape
+    top, bottom, left, right = crop_box(h, w, crop)
+    inner = Image.fromarray(_to_uint8(np.asarray(heat, dtype=np.float32)), mode="L").resize(
+        (right - left, bottom - top), Image.Resampling.BILINEAR
+    )
+    levels = np.zeros((h, w), dtype=np.uint8)
+    levels[top:bottom, left:right] = np.asarray(inner)
+    return levels
+
+
 def _chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
@@ -124,11 +142,15 @@ def overlay_png(
     """
     h, w = image.shape[:2]
     out_w, out_h = overlay_size(w, h, max_side)
-    gray = Image.fromarray((np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
-    gray = gray.resize((out_w, out_h), Image.Resampling.BILINEAR).convert("RGB")
-    film = heat_on_film(heat, (out_h, out_w), crop)
-    colour = Image.fromarray((np.clip(film, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
-    colour = colour.convert("P")  # palette lookup in C: 8x faster than NumPy fancy indexing
-    colour.putpalette(jet_palette().tobytes())
+    # Downscale first, in float, then quantise: a 2500x2048 film costs 28 ms the other way
+    # round (NumPy over five million pixels); `reducing_gap` box-reduces before the bilinear
+    # filter (PIL: "indistinguishable from fair resampling in most cases"; measured 2500x2048:
+    # 20 ms -> ~9 ms for the whole overlay).
+    small = Image.fromarray(np.asarray(image, dtype=np.float32), mode="F").resize(
+        (out_w, out_h), Image.Resampling.BILINEAR, reducing_gap=2.0
+    )
+    gray = Image.fromarray(_to_uint8(np.asarray(small)), mode="L").convert("RGB")
+    colour = Image.fromarray(_heat_levels(heat, (out_h, out_w), crop), mode="P")
+    colour.putpalette(jet_palette().tobytes())  # palette lookup in C, not NumPy indexing
     blended = Image.blend(gray, colour.convert("RGB"), HEAT_ALPHA)
     return encode_png_rgb(np.asarray(blended))
