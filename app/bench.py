@@ -10,7 +10,9 @@ What it does, so the numbers mean something:
    port, waited for until `/ready` answers 200; with `--api-workers N` (N > 1) uvicorn's
    multi-process mode, N API processes behind one socket, as `cxr serve --workers N` and the
    compose file (`CXR_API_WORKERS`, default 2) deploy it. CPU and memory are then read over the
-   whole process tree; `server_rss_mb` is the largest single process.
+   whole process tree; `server_rss_mb` is the largest single process. `--no-keepalive` makes
+   every request open its own connection: with kept-alive connections the process that wakes
+   first on the shared socket may accept all of them and the other process idles.
 3. The *bare* cost in this process, measured on the same state right before each client count
    (so it sees the same machine load): decode + preprocess + forward + search of the same query
    image (`app.services.predict.prepare_query` + `answer_query`, the functions the route runs),
@@ -103,6 +105,8 @@ class BenchRow:
     machine_cores_busy: float | None = None
     #: API processes serving (uvicorn `--workers`; 1: the single-process server).
     api_workers: int = 1
+    #: Clients reuse their connection (True) or open one per request (False).
+    keepalive: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -250,13 +254,27 @@ class _BareTimer:
 
 
 async def _drive(
-    base_url: str, key: str, query: bytes, *, clients: int, seconds: float, explain: bool
+    base_url: str,
+    key: str,
+    query: bytes,
+    *,
+    clients: int,
+    seconds: float,
+    explain: bool,
+    keepalive: bool = True,
 ) -> tuple[list[float], int, int, float]:
-    """`clients` concurrent loops for `seconds`; returns (latencies ms, errors, 5xx, elapsed)."""
+    """`clients` concurrent loops for `seconds`; returns (latencies ms, errors, 5xx, elapsed).
+
+    `keepalive=False` opens a new connection for every request: with several API processes
+    sharing one listening socket, a process that wakes first accepts every connection queued
+    at that moment, so long-lived connections can all land on one process; per-request
+    connections are spread by the kernel as the processes become free."""
     latencies: list[float] = []
     errors = 0
     status_5xx = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    limits = httpx.Limits(
+        max_connections=clients, max_keepalive_connections=clients if keepalive else 0
+    )
     params = {"explain": "true" if explain else "false"}
     headers = {"X-API-Key": key}
     async with httpx.AsyncClient(
@@ -400,17 +418,17 @@ def _phase(
     clients: int,
     seconds: float,
     explain: bool,
+    keepalive: bool = True,
 ) -> PhaseResult:
     """A short warm-up, then `clients` concurrent clients for `seconds`, with the server's and
     this process's CPU time read around the timed part."""
-    warmup = asyncio.run(
-        _drive(url, key, query, clients=clients, seconds=min(1.0, seconds), explain=explain)
-    )
+    drive = {"clients": clients, "explain": explain, "keepalive": keepalive}
+    warmup = asyncio.run(_drive(url, key, query, seconds=min(1.0, seconds), **drive))
     pids = _process_tree(pid)  # after the warm-up: every worker process has started
     machine_before = _machine_ticks()
     server_before, client_before = _tree_cpu_ms(pids), time.process_time()
     latencies, errors, status_5xx, elapsed = asyncio.run(
-        _drive(url, key, query, clients=clients, seconds=seconds, explain=explain)
+        _drive(url, key, query, seconds=seconds, **drive)
     )
     server_after, client_after = _tree_cpu_ms(pids), time.process_time()
     machine_after = _machine_ticks()
@@ -554,6 +572,7 @@ def run_predict_bench(
     work_dir: Path | None = None,
     onnx: str = "auto",
     api_workers: int = 1,
+    keepalive: bool = True,
 ) -> list[BenchRow]:
     """Run the benchmark end to end (see the module docstring); returns one row per phase."""
     from app.config import Settings
@@ -597,6 +616,7 @@ def run_predict_bench(
                         clients=n,
                         seconds=seconds,
                         explain=False,
+                        keepalive=keepalive,
                     )
                     if floor_phase.errors:
                         raise RuntimeError(
@@ -614,6 +634,7 @@ def run_predict_bench(
                             clients=n,
                             seconds=seconds,
                             explain=explain,
+                            keepalive=keepalive,
                         )
                         warmup_5xx += phase.warmup_5xx
                         row = BenchRow(
@@ -636,6 +657,7 @@ def run_predict_bench(
                             client_cpu_ms_per_request=phase.client_cpu_ms_per_request,
                             machine_cores_busy=phase.machine_cores_busy,
                             api_workers=api_workers,
+                            keepalive=keepalive,
                         )
                         logger.info("bench row: %s", row.as_dict())
                         rows.append(row)
@@ -731,6 +753,14 @@ def bench_predict_command(
             "compare them in one command (the compose file deploys 2)."
         ),
     ] = "1",
+    keepalive: Annotated[
+        bool,
+        typer.Option(
+            "--keepalive/--no-keepalive",
+            help="Clients reuse their connection (default) or open one per request (spreads "
+            "connections over several --api-workers processes).",
+        ),
+    ] = True,
 ) -> None:
     """Benchmark POST /predict on the real service; prints a table and writes JSON rows."""
     client_counts = _parse_clients(clients)
@@ -763,6 +793,7 @@ def bench_predict_command(
                 explain_modes=modes,
                 onnx=mode,
                 api_workers=workers,
+                keepalive=keepalive,
             )
     typer.echo(format_table(rows))
     by_mode = {(r.api_workers, r.onnx, r.clients, r.explain): r for r in rows}

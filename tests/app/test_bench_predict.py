@@ -128,13 +128,14 @@ def test_bench_predict_with_two_api_processes(data_dir: Path, tmp_path: Path) ->
             "--fresh-model",
             "--api-workers",
             "2",
+            "--no-keepalive",
             "--out",
             str(out),
         ],
     )
     assert result.exit_code == 0, result.output
     (row,) = json.loads(out.read_text())
-    assert row["api_workers"] == 2 and row["clients"] == 2
+    assert row["api_workers"] == 2 and row["clients"] == 2 and row["keepalive"] is False
     assert row["errors"] == 0 and row["requests"] > 0
     assert row["server_cpu_ms_per_request"] > 0
     assert 0 < row["server_rss_mb"] < 4096
