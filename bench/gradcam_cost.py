@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
 import logging
 import statistics
 import sys
@@ -156,6 +155,8 @@ def run(checkpoint: Path, *, iterations: int = 40) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bench.report import write_report
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--iterations", type=int, default=40)
@@ -163,11 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     report = run(args.checkpoint, iterations=args.iterations)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

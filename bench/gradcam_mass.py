@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -101,6 +100,8 @@ def run(checkpoint: Path, data: Sequence[Path], *, per_source: int, seed: int) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bench.report import write_report
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--data", type=Path, action="append", required=True)
@@ -110,11 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     report = run(args.checkpoint, args.data, per_source=args.per_source, seed=args.seed)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    write_report(report, args.out)
     return 0
 
 
