@@ -307,7 +307,7 @@ def run(
                     ("file", (f"{i}.png", _synthetic_png(seed0 + i), "image/png")) for i in range(3)
                 ]
                 client.post("/references", headers=clinician, data={"label": label}, files=files)
-            for i in range(3):  # warm up: model, index, Grad-CAM copies
+            for i in range(3):  # warm up: model, index, ONNX session
                 client.post(
                     "/predict", headers=reader, files={"file": ("q.png", _synthetic_png(900 + i))}
                 )

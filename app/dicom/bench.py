@@ -178,7 +178,7 @@ def run_dicom_bench(
         stored = [orthanc.upload(data) for data, _study in files]
         warm = _dicom_instance(10_000, image_size)
         warm_id = orthanc.upload(warm[0])
-        orthanc.send_to_modality("cxr", warm_id)  # warm-up: model load, Grad-CAM copy
+        orthanc.send_to_modality("cxr", warm_id)  # warm-up: model load, ONNX session
         _wait(lambda: _sr_count(orthanc, warm[1]) == 1, "the warm-up SR")
 
         half = max(1, instances // 2)

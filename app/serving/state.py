@@ -120,7 +120,7 @@ class ServiceState:
         metrics: Any | None = None,
     ) -> None:
         """`inference_workers`: how many predictions may run their CPU work at once (the
-        route's thread limiter and the Grad-CAM copy pool); default
+        route's thread limiter); default
         `settings.effective_inference_workers` (`CXR_INFERENCE_WORKERS`, else min(4, CPUs)).
         `refresh_interval_s`: 0 checks the database on every request (measured at well under
         a millisecond on SQLite); a positive value caches the check for that long.

@@ -117,7 +117,7 @@ def listening(make_settings, checkpoint_a) -> Iterator[tuple[Any, DicomListener,
             max_upload_mb=0.05,
             **FAST_OUTBOX,
         ) as (app, client, keys):
-            # warm up (model load, Grad-CAM copy) so the C-STOREs below are answered quickly
+            # warm up (model load, ONNX session) so the C-STOREs below are answered quickly
             post_predict(client, keys["reader"], synthetic_xray("disc", seed=1))
             listener = DicomListener(
                 settings=app.state.settings,
