@@ -107,6 +107,8 @@ class BenchRow:
     api_workers: int = 1
     #: Clients reuse their connection (True) or open one per request (False).
     keepalive: bool = True
+    #: The query film's width x height in pixels (8-bit grey PNG).
+    query_size: str = "512x512"
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -573,6 +575,7 @@ def run_predict_bench(
     onnx: str = "auto",
     api_workers: int = 1,
     keepalive: bool = True,
+    query_size: tuple[int, int] = (512, 512),
 ) -> list[BenchRow]:
     """Run the benchmark end to end (see the module docstring); returns one row per phase."""
     from app.config import Settings
@@ -587,7 +590,7 @@ def run_predict_bench(
         if checkpoint is None:
             checkpoint = _fresh_checkpoint(tmp_path / "fresh.pt")
         keys = _prepare_state(settings, checkpoint, references_per_class)
-        query = _synthetic_image("disc", seed=424242)
+        query = _synthetic_image("disc", seed=424242, size=query_size)
         bare = _BareTimer(settings, query, inference_workers=inference_workers)
 
         extra = {"CXR_ONNX": onnx}
@@ -658,6 +661,7 @@ def run_predict_bench(
                             machine_cores_busy=phase.machine_cores_busy,
                             api_workers=api_workers,
                             keepalive=keepalive,
+                            query_size=f"{query_size[0]}x{query_size[1]}",
                         )
                         logger.info("bench row: %s", row.as_dict())
                         rows.append(row)
@@ -713,6 +717,17 @@ def _parse_clients(value: str, *, option: str = "--clients") -> list[int]:
     return counts
 
 
+def _parse_size(value: str) -> tuple[int, int]:
+    """`WIDTHxHEIGHT` in pixels, each 16-10000."""
+    try:
+        width, height = (int(part) for part in value.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter("--query-size takes WIDTHxHEIGHT, e.g. 2500x2048") from None
+    if not (16 <= width <= 10000 and 16 <= height <= 10000):
+        raise typer.BadParameter("--query-size: each side between 16 and 10000 pixels")
+    return width, height
+
+
 def bench_predict_command(
     clients: Annotated[
         str, typer.Option(help="Concurrent client counts, comma-separated.")
@@ -761,6 +776,13 @@ def bench_predict_command(
             "connections over several --api-workers processes).",
         ),
     ] = True,
+    query_size: Annotated[
+        str,
+        typer.Option(
+            help="The query film's WIDTHxHEIGHT (a clinical CR/DX is about 2500x2048; the "
+            "default keeps the bench comparable with earlier runs)."
+        ),
+    ] = "512x512",
 ) -> None:
     """Benchmark POST /predict on the real service; prints a table and writes JSON rows."""
     client_counts = _parse_clients(clients)
@@ -782,6 +804,7 @@ def bench_predict_command(
     if not onnx_modes or any(mode not in ("auto", "off") for mode in onnx_modes):
         raise typer.BadParameter("--onnx takes auto, off or auto,off")
     worker_counts = _parse_clients(api_workers, option="--api-workers")
+    film = _parse_size(query_size)
     rows = []
     for workers in worker_counts:
         for mode in onnx_modes:
@@ -794,6 +817,7 @@ def bench_predict_command(
                 onnx=mode,
                 api_workers=workers,
                 keepalive=keepalive,
+                query_size=film,
             )
     typer.echo(format_table(rows))
     by_mode = {(r.api_workers, r.onnx, r.clients, r.explain): r for r in rows}

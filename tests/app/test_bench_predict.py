@@ -129,6 +129,8 @@ def test_bench_predict_with_two_api_processes(data_dir: Path, tmp_path: Path) ->
             "--api-workers",
             "2",
             "--no-keepalive",
+            "--query-size",
+            "600x400",
             "--out",
             str(out),
         ],
@@ -136,7 +138,17 @@ def test_bench_predict_with_two_api_processes(data_dir: Path, tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     (row,) = json.loads(out.read_text())
     assert row["api_workers"] == 2 and row["clients"] == 2 and row["keepalive"] is False
+    assert row["query_size"] == "600x400"
     assert row["errors"] == 0 and row["requests"] > 0
     assert row["server_cpu_ms_per_request"] > 0
     assert 0 < row["server_rss_mb"] < 4096
     assert "api_workers=2 onnx=auto clients=2" in result.stdout
+
+
+@pytest.mark.parametrize("size", ["512", "axb", "8x8", "20000x512"])
+def test_bench_predict_refuses_a_bad_query_size(size: str) -> None:
+    from app.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "predict", "--fresh-model", "--query-size", size])
+    assert result.exit_code == 2
+    assert "--query-size" in result.output
