@@ -339,19 +339,27 @@ def _tree_cpu_ms(pids: Sequence[int]) -> float | None:
 
 def _largest_rss_mb(pids: Sequence[int]) -> float | None:
     """The largest resident set among `pids` (one API process's footprint)."""
-    values = [v for v in (_rss_mb(pid) for pid in pids) if v is not None]
+    values = [v for v in (rss_mb(pid) for pid in pids) if v is not None]
     return max(values) if values else None
 
 
-def _rss_mb(pid: int) -> float | None:
-    """Resident set size of process `pid` in MB, from /proc (None where there is no /proc)."""
+def proc_status_kb(pid: int, field: str) -> int | None:
+    """A kB field of /proc/PID/status (``VmRSS``, ``VmHWM``), None where it cannot be read (no
+    /proc, the process gone): the one /proc memory reader of the benches."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024.0, 1)
+        text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
     return None
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size of process `pid` in MB (None where it cannot be read)."""
+    kb = proc_status_kb(pid, "VmRSS")
+    return None if kb is None else round(kb / 1024.0, 1)
 
 
 def _cpu_ms(pid: int) -> float | None:

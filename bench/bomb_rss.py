@@ -216,10 +216,13 @@ def corpus(*, small: bool = False, inflate_mb: int = 400) -> list[Item]:
 
 
 def _proc_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+    """`app.bench.proc_status_kb`, failing loudly: a bomb bench without memory figures is void."""
+    from app.bench import proc_status_kb
+
+    value = proc_status_kb(pid, field)
+    if value is None:
+        raise RuntimeError(f"cannot read {field} of process {pid}: has the service exited?")
+    return value
 
 
 def _prepare(data_dir: Path, env: dict[str, str]) -> dict[str, str]:

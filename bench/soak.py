@@ -103,11 +103,13 @@ class SoakReport:
 
 
 def rss_mb(pid: int) -> float:
-    """Resident set size of a process (Linux /proc), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return 0.0
+    """Resident set size of the service process in MB; fails loudly when it is gone."""
+    from app.bench import rss_mb as read_rss_mb
+
+    value = read_rss_mb(pid)
+    if value is None:
+        raise RuntimeError(f"cannot read the RSS of process {pid}: has the service exited?")
+    return value
 
 
 def orphans(settings: Any) -> tuple[int, int]:
