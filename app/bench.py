@@ -714,7 +714,7 @@ def cpu_cores_busy(row: BenchRow) -> float | None:
     return row.rps * (row.server_cpu_ms_per_request + row.client_cpu_ms_per_request) / 1000.0
 
 
-def _parse_clients(value: str, *, option: str = "--clients") -> list[int]:
+def _parse_counts(value: str, *, option: str = "--clients") -> list[int]:
     """Positive integers separated by commas (`--clients`, `--api-workers`)."""
     try:
         counts = [int(part) for part in value.split(",") if part.strip()]
@@ -793,7 +793,7 @@ def bench_predict_command(
     ] = "512x512",
 ) -> None:
     """Benchmark POST /predict on the real service; prints a table and writes JSON rows."""
-    client_counts = _parse_clients(clients)
+    client_counts = _parse_counts(clients)
     modes = [part.strip().lower() in ("1", "true", "yes") for part in explain.split(",")]
     if fresh_model:
         checkpoint = None
@@ -811,7 +811,7 @@ def bench_predict_command(
     onnx_modes = [part.strip().lower() for part in onnx.split(",") if part.strip()]
     if not onnx_modes or any(mode not in ("auto", "off") for mode in onnx_modes):
         raise typer.BadParameter("--onnx takes auto, off or auto,off")
-    worker_counts = _parse_clients(api_workers, option="--api-workers")
+    worker_counts = _parse_counts(api_workers, option="--api-workers")
     film = _parse_size(query_size)
     rows = []
     for workers in worker_counts:

@@ -45,7 +45,7 @@ async def get_maybe_service(request: Request) -> ServiceState | None:
 
 async def get_service(request: Request) -> ServiceState:
     """This process's prediction state; 503 when it is not started."""
-    service: ServiceState | None = request.app.state.service
+    service = await get_maybe_service(request)
     if service is None:
         raise HTTPException(
             status_code=503,

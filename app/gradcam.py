@@ -25,14 +25,10 @@ Why it is computed from the feature map instead of through `pytorch_grad_cam`'s 
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["EmbeddingSimilarityTarget", "gradcam_heatmap", "heatmap_from_features"]
 

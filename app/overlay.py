@@ -72,17 +72,24 @@ def jet_palette() -> np.ndarray:
     return (np.stack(channels, axis=1) * 255.0 + 0.5).astype(np.uint8)
 
 
+def _on_film(
+    heat: Image.Image, shape: tuple[int, int], crop: float, dtype: type[np.generic]
+) -> np.ndarray:
+    """`heat` resized onto the region of a film of ``shape`` ``(h, w)`` that the preprocessing's
+    border ``crop`` kept, zero on the cut borders."""
+    h, w = shape
+    top, bottom, left, right = crop_box(h, w, crop)
+    inner = heat.resize((right - left, bottom - top), Image.Resampling.BILINEAR)
+    film = np.zeros((h, w), dtype=dtype)
+    film[top:bottom, left:right] = np.asarray(inner, dtype=dtype)
+    return film
+
+
 def heat_on_film(heat: np.ndarray, shape: tuple[int, int], crop: float = 0.0) -> np.ndarray:
     """The model-input map ``heat`` placed on a film of ``shape`` ``(h, w)``: resized onto the
     region the preprocessing's border ``crop`` kept, zero on the cut borders (float32)."""
-    h, w = shape
-    top, bottom, left, right = crop_box(h, w, crop)
-    inner = Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F").resize(
-        (right - left, bottom - top), Image.Resampling.BILINEAR
-    )
-    film = np.zeros((h, w), dtype=np.float32)
-    film[top:bottom, left:right] = np.asarray(inner, dtype=np.float32)
-    return film
+    image = Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F")
+    return _on_film(image, shape, crop, np.float32)
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -93,14 +100,8 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
 def _heat_levels(heat: np.ndarray, shape: tuple[int, int], crop: float) -> np.ndarray:
     """`heat_on_film` in 0-255 levels, resized as 8-bit (the palette has 256 entries anyway;
     4x cheaper than resizing floats): the palette indices of the overlay's colour layer."""
-    h, w = shape
-    top, bottom, left, right = crop_box(h, w, crop)
-    inner = Image.fromarray(_to_uint8(np.asarray(heat, dtype=np.float32)), mode="L").resize(
-        (right - left, bottom - top), Image.Resampling.BILINEAR
-    )
-    levels = np.zeros((h, w), dtype=np.uint8)
-    levels[top:bottom, left:right] = np.asarray(inner)
-    return levels
+    image = Image.fromarray(_to_uint8(np.asarray(heat, dtype=np.float32)), mode="L")
+    return _on_film(image, shape, crop, np.uint8)
 
 
 def _chunk(tag: bytes, data: bytes) -> bytes:
